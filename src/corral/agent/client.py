@@ -1,0 +1,184 @@
+"""The host side of the agent protocol: send requests, collect each reply from its own status pipe."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import socket
+import threading
+import time
+
+from corral.agent import protocol
+from corral.errors import LaunchError, SandboxLost
+from corral.kernel.pump import Pumped, pump
+from corral.kernel.spawn import memfd_with
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping, Sequence
+
+
+class AgentReply:
+    """The agent's answer to one exec: a wait status, or the reason the command never started."""
+
+    def __init__(self, raw: Mapping[str, object] | None) -> None:
+        self.raw = dict(raw or {})
+
+    @property
+    def lost(self) -> bool:
+        return not self.raw
+
+    @property
+    def error(self) -> str | None:
+        value = self.raw.get("error")
+        return None if value is None else str(value)
+
+    @property
+    def errno(self) -> int:
+        value = self.raw.get("errno", 0)
+        return value if isinstance(value, int) else 0
+
+    @property
+    def returncode(self) -> int | None:
+        status = self.raw.get("status")
+        return None if not isinstance(status, int) else os.waitstatus_to_exitcode(status)
+
+    @property
+    def maxrss(self) -> int | None:
+        value = self.raw.get("maxrss")
+        return value if isinstance(value, int) else None
+
+
+class AgentClient:
+    """One connection to one agent. Thread-safe: concurrent execs share the socket, not replies."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._lock = threading.Lock()
+        self._next_id = 0
+        self.info: dict[str, object] = {}
+
+    def handshake(self, hello: dict[str, object], *, fds: Sequence[int] = (), timeout: float = 15.0) -> None:
+        """Send the confinement and wait until the agent says it is ready (or why it is not)."""
+        protocol.send(self.sock, {"op": "hello", **hello}, list(fds))
+        poller = select.poll()
+        poller.register(self.sock.fileno(), select.POLLIN)
+        if not poller.poll(int(timeout * 1000)):
+            raise LaunchError(f"the sandbox agent did not start within {timeout:g}s")
+        message, extra = protocol.recv(self.sock)
+        for fd in extra:
+            os.close(fd)
+        if message is None:
+            raise LaunchError("the sandbox agent exited during start-up")
+        if not message.get("ready"):
+            raise LaunchError(f"the sandbox agent could not confine itself: {message.get('error')}")
+        self.info = message
+
+    def _send(self, message: dict[str, object], fds: Sequence[int]) -> int:
+        with self._lock:
+            self._next_id += 1
+            message["id"] = self._next_id
+            try:
+                protocol.send(self.sock, message, list(fds))
+            except OSError as exc:
+                raise SandboxLost(f"the sandbox is gone ({exc.strerror})") from exc
+            return self._next_id
+
+    def exec(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str],
+        cwd: str,
+        stdin: bytes | None,
+        deadline: float | None,
+        output_limit: int | None,
+        on_output: Callable[[str, bytes], None] | None,
+    ) -> tuple[AgentReply, Pumped]:
+        status_r, status_w = os.pipe2(os.O_CLOEXEC)
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        ours = [status_w, out_w, err_w]
+        if stdin is not None:
+            ours.append(memfd_with("corral-stdin", stdin))
+        try:
+            exec_id = self._send(
+                {"op": "exec", "argv": list(argv), "env": dict(env), "cwd": cwd}, ours
+            )
+        except BaseException:
+            for fd in (status_r, out_r, err_r):
+                os.close(fd)
+            raise
+        finally:
+            for fd in ours:
+                os.close(fd)
+
+        def kill() -> None:
+            try:
+                self._send({"op": "signal", "target": exec_id, "signal": 9}, ())
+            except SandboxLost:
+                pass
+
+        pumped = pump(
+            {"stdout": out_r, "stderr": err_r, "status": status_r},
+            deadline=deadline,
+            output_limit=output_limit,
+            on_output=on_output,
+            kill=kill,
+        )
+        text = pumped.get("status").strip()
+        reply = AgentReply(json.loads(text.splitlines()[0]) if text else None)
+        return reply, pumped
+
+    def signal(self, exec_id: int, sig: int) -> None:
+        self._send({"op": "signal", "target": exec_id, "signal": sig}, ())
+
+    def put_file(self, path: str, data: bytes, mode: int) -> AgentReply:
+        data_fd = memfd_with("corral-put", data)
+        return self._transfer({"op": "put", "path": path, "mode": mode}, data_fd)
+
+    def get_file(self, path: str, max_bytes: int) -> tuple[AgentReply, bytes]:
+        data_fd = os.memfd_create("corral-get", os.MFD_CLOEXEC)
+        try:
+            reply = self._transfer({"op": "get", "path": path, "max_bytes": max_bytes}, os.dup(data_fd))
+            if reply.error is not None or reply.lost:
+                return reply, b""
+            os.lseek(data_fd, 0, os.SEEK_SET)
+            chunks = []
+            while chunk := os.read(data_fd, 1 << 20):
+                chunks.append(chunk)
+            return reply, b"".join(chunks)
+        finally:
+            os.close(data_fd)
+
+    def _transfer(self, message: dict[str, object], data_fd: int) -> AgentReply:
+        status_r, status_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            self._send(message, [status_w, data_fd])
+        finally:
+            os.close(status_w)
+            os.close(data_fd)
+        text = b""
+        deadline = time.monotonic() + 60
+        poller = select.poll()
+        poller.register(status_r, select.POLLIN)
+        try:
+            while time.monotonic() < deadline:
+                if not poller.poll(1000):
+                    continue
+                chunk = os.read(status_r, 65536)
+                if not chunk:
+                    break
+                text += chunk
+        finally:
+            os.close(status_r)
+        return AgentReply(json.loads(text.splitlines()[0]) if text.strip() else None)
+
+    def stop(self) -> None:
+        try:
+            with self._lock:
+                protocol.send(self.sock, {"op": "stop"})
+        except OSError:
+            pass
+        self.sock.close()

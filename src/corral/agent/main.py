@@ -1,0 +1,367 @@
+"""corral's agent: the process that lives inside a sandbox and starts commands on request.
+
+Started once per live sandbox (inside bubblewrap for the namespace backend, as a confined child
+for landlock/process), it receives a `hello` with its confinement, then `exec`, `signal`, `put`,
+`get` and `stop` requests over an inherited socket (see protocol.py). Every command it starts
+inherits its namespaces, seccomp filter, Landlock domain and limits, so starting one costs a
+posix_spawn rather than a new sandbox.
+
+When a command's main process exits, the agent kills what is left of its session; when no command
+is running, it kills every other descendant too (a double-forked, setsid'd child included), so
+nothing a command started outlives it. Stdlib only, Python >= 3.8.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import signal
+import socket
+import sys
+import time
+
+if __package__:
+    from corral.agent import confine, protocol
+else:  # run as a script inside the sandbox: its siblings are on sys.path
+    import confine  # type: ignore[no-redef]
+    import protocol  # type: ignore[no-redef]
+
+_DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Exec:
+    __slots__ = ("id", "pid", "started", "status_fd")
+
+    def __init__(self, exec_id: int, pid: int, status_fd: int) -> None:
+        self.id = exec_id
+        self.pid = pid
+        self.status_fd = status_fd
+        self.started = time.monotonic()
+
+
+class Agent:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.running: dict[int, Exec] = {}  # pid -> exec
+        self.by_id: dict[int, Exec] = {}
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.null_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+
+    # ---------------------------------------------------------------- set-up
+    def hello(self, message: dict, seccomp_program: bytes) -> None:  # type: ignore[type-arg]
+        """Confine ourselves as the host asks, then say we are ready. Any failure propagates."""
+        info = {"ready": True, "pid": os.getpid(), "landlock": 0}
+        confine.set_child_subreaper()
+        if message.get("rlimits"):
+            confine.set_rlimits(message["rlimits"])
+        landlock = message.get("landlock")
+        if landlock:
+            info["landlock"] = confine.apply_landlock(
+                landlock.get("ro", []),
+                landlock.get("rw", []),
+                connect_ports=landlock.get("connect_ports"),
+                restrict_net=bool(landlock.get("restrict_net")),
+                scope=bool(landlock.get("scope")),
+            )
+        if seccomp_program:
+            confine.load_seccomp(seccomp_program)
+        protocol.send(self.sock, info)
+
+    # ---------------------------------------------------------------- requests
+    def serve(self) -> None:
+        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        poller = select.poll()
+        poller.register(self.sock.fileno(), select.POLLIN)
+        poller.register(self.wake_r, select.POLLIN)
+        while True:
+            for fd, _ in poller.poll():
+                if fd == self.wake_r:
+                    try:
+                        os.read(self.wake_r, 4096)
+                    except BlockingIOError:
+                        pass
+                    self.reap()
+                    continue
+                message, fds = protocol.recv(self.sock)
+                if message is None:
+                    self.shutdown()
+                    return
+                op = message.get("op")
+                handler = getattr(self, "op_" + str(op), None)
+                if handler is None:
+                    for fd_ in fds:
+                        os.close(fd_)
+                    continue
+                if op == "stop":
+                    self.shutdown()
+                    return
+                handler(message, fds)
+
+    def op_exec(self, message: dict, fds: list) -> None:  # type: ignore[type-arg]
+        status_fd, stdout_fd, stderr_fd = fds[0], fds[1], fds[2]
+        stdin_fd = fds[3] if len(fds) > 3 else None
+        try:
+            self._start(message, status_fd, stdin_fd, stdout_fd, stderr_fd)
+        finally:
+            for fd in (stdin_fd, stdout_fd, stderr_fd):
+                if fd is not None:
+                    os.close(fd)
+
+    def _start(self, message: dict, status_fd: int, stdin_fd, stdout_fd: int, stderr_fd: int) -> None:  # type: ignore[type-arg,no-untyped-def]
+        argv = [str(a) for a in message["argv"]]
+        env = {str(k): str(v) for k, v in message.get("env", {}).items()}
+        cwd = message.get("cwd") or "/"
+        path = _find_program(argv[0], env.get("PATH", ""), cwd)
+        if isinstance(path, int):
+            self._fail(status_fd, path, argv[0])
+            return
+        try:
+            os.chdir(cwd)
+        except OSError as exc:
+            self._fail(status_fd, exc.errno or errno.ENOENT, cwd, what="working directory")
+            return
+        actions = [
+            (os.POSIX_SPAWN_DUP2, stdin_fd if stdin_fd is not None else self.null_fd, 0),
+            (os.POSIX_SPAWN_DUP2, stdout_fd, 1),
+            (os.POSIX_SPAWN_DUP2, stderr_fd, 2),
+        ]
+        try:
+            pid = os.posix_spawn(path, argv, env, file_actions=actions, setsid=True, setsigdef=_DEFAULT_SIGNALS, setsigmask=())
+        except OSError as exc:
+            self._fail(status_fd, exc.errno or errno.EIO, argv[0])
+            return
+        finally:
+            os.chdir("/")
+        running = Exec(int(message["id"]), pid, status_fd)
+        self.running[pid] = running
+        self.by_id[running.id] = running
+
+    def _fail(self, status_fd: int, err: int, subject: str, what: str = "command") -> None:
+        protocol.write_status(status_fd, {"error": os.strerror(err), "errno": err, "subject": subject, "what": what})
+        os.close(status_fd)
+
+    def op_signal(self, message: dict, fds: list) -> None:  # type: ignore[type-arg]
+        running = self.by_id.get(int(message["target"]))
+        if running is None:
+            return
+        sig = int(message.get("signal", signal.SIGKILL))
+        if sig == signal.SIGKILL:
+            _kill_session(running.pid)
+        else:
+            try:
+                os.killpg(running.pid, sig)
+            except OSError:
+                pass
+
+    def op_put(self, message: dict, fds: list) -> None:  # type: ignore[type-arg]
+        status_fd, data_fd = fds[0], fds[1]
+        try:
+            path = str(message["path"])
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
+            out = os.open(path, flags, int(message.get("mode", 0o644)))
+            try:
+                os.lseek(data_fd, 0, os.SEEK_SET)
+                while True:
+                    chunk = os.read(data_fd, 1 << 20)
+                    if not chunk:
+                        break
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(out, view) :]
+            finally:
+                os.close(out)
+            protocol.write_status(status_fd, {"ok": True})
+        except OSError as exc:
+            protocol.write_status(status_fd, {"error": exc.strerror or str(exc), "errno": exc.errno or errno.EIO})
+        finally:
+            os.close(data_fd)
+            os.close(status_fd)
+
+    def op_get(self, message: dict, fds: list) -> None:  # type: ignore[type-arg]
+        status_fd, data_fd = fds[0], fds[1]
+        limit = int(message.get("max_bytes", 64 << 20))
+        try:
+            src = os.open(str(message["path"]), os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+            try:
+                import stat
+
+                st = os.fstat(src)
+                if not stat.S_ISREG(st.st_mode):
+                    raise OSError(errno.EINVAL, "not a regular file")
+                if st.st_size > limit:
+                    raise OSError(errno.EFBIG, "file is %d bytes, more than the %d allowed" % (st.st_size, limit))
+                copied = 0
+                while copied <= limit:
+                    chunk = os.read(src, 1 << 20)
+                    if not chunk:
+                        break
+                    copied += len(chunk)
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(data_fd, view) :]
+                if copied > limit:
+                    raise OSError(errno.EFBIG, "file grew past the %d bytes allowed" % limit)
+            finally:
+                os.close(src)
+            protocol.write_status(status_fd, {"ok": True, "size": copied})
+        except OSError as exc:
+            protocol.write_status(status_fd, {"error": exc.strerror or str(exc), "errno": exc.errno or errno.EIO})
+        finally:
+            os.close(data_fd)
+            os.close(status_fd)
+
+    # ---------------------------------------------------------------- children
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status, usage = os.wait4(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            running = self.running.pop(pid, None)
+            if running is None:
+                continue  # an orphan that came back to us
+            self.by_id.pop(running.id, None)
+            self._clean_up_after(pid)
+            try:
+                protocol.write_status(running.status_fd, {"status": status, "maxrss": usage.ru_maxrss * 1024})
+            except OSError:
+                pass
+            os.close(running.status_fd)
+
+    def _clean_up_after(self, sid: int) -> None:
+        """Kill what the finished command left behind: its session, and any orphan when we are idle.
+
+        Whatever a command leaves behind is reparented to us (we are a subreaper), so it is
+        enough to look at our own children before scanning /proc.
+        """
+        mains = set(self.running)
+        if not (_own_children() - mains):
+            return
+        _kill_session(sid)
+        if not self.running:
+            _kill_descendants(os.getpid())
+
+    def shutdown(self) -> None:
+        for running in list(self.running.values()):
+            _kill_session(running.pid)
+        _kill_descendants(os.getpid())
+
+
+def _find_program(name: str, path_var: str, cwd: str):  # type: ignore[no-untyped-def]
+    """The path to execute, or an errno (ENOENT, EACCES) when there is none."""
+    if "/" in name:
+        candidate = name if name.startswith("/") else os.path.join(cwd, name)
+        if not os.path.exists(candidate):
+            return errno.ENOENT
+        if os.path.isdir(candidate) or not os.access(candidate, os.X_OK):
+            return errno.EACCES
+        return candidate
+    denied = False
+    for directory in path_var.split(":"):
+        candidate = os.path.join(directory or cwd, name)
+        if os.path.isfile(candidate):
+            if os.access(candidate, os.X_OK):
+                return candidate
+            denied = True
+    return errno.EACCES if denied else errno.ENOENT
+
+
+def _own_children() -> set:  # type: ignore[type-arg]
+    pid = os.getpid()
+    try:
+        with open("/proc/%d/task/%d/children" % (pid, pid), "rb") as f:
+            return {int(p) for p in f.read().split()}
+    except OSError:
+        return set()
+
+
+def _processes() -> list:  # type: ignore[type-arg]
+    """(pid, ppid, session) of every process we can see."""
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % name, "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        fields = data[data.rfind(b")") + 2 :].split()
+        out.append((int(name), int(fields[1]), int(fields[3])))
+    return out
+
+
+def _kill_session(sid: int) -> None:
+    for _ in range(50):
+        victims = [pid for pid, _ppid, session in _processes() if session == sid and pid != os.getpid()]
+        if not victims:
+            return
+        for pid in victims:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def _kill_descendants(root: int) -> None:
+    for _ in range(50):
+        table = _processes()
+        children: dict = {}  # type: ignore[type-arg]
+        for pid, ppid, _sid in table:
+            children.setdefault(ppid, []).append(pid)
+        victims, stack = [], list(children.get(root, []))
+        while stack:
+            pid = stack.pop()
+            victims.append(pid)
+            stack.extend(children.get(pid, []))
+        victims = [pid for pid in victims if _state(pid) != b"Z"]
+        if not victims:
+            return
+        for pid in victims:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def _state(pid: int) -> bytes:
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            data = f.read()
+        return data[data.rfind(b")") + 2 :].split()[0]
+    except OSError:
+        return b"X"
+
+
+def main() -> int:
+    fd = int(os.environ.pop("CORRAL_AGENT_FD", "3"))
+    os.set_inheritable(fd, False)
+    sock = socket.socket(fileno=fd)
+    agent = Agent(sock)
+    message, fds = protocol.recv(sock)
+    if message is None or message.get("op") != "hello":
+        return 2
+    try:
+        program = b""
+        for fd_ in fds:  # a seccomp program to load ourselves (backends without bubblewrap)
+            os.lseek(fd_, 0, os.SEEK_SET)
+            while True:
+                chunk = os.read(fd_, 65536)
+                if not chunk:
+                    break
+                program += chunk
+            os.close(fd_)
+        agent.hello(message, program)
+    except Exception as exc:  # report, then fail closed: the host refuses to use this sandbox
+        protocol.send(sock, {"ready": False, "error": "%s: %s" % (type(exc).__name__, exc)})
+        return 3
+    agent.serve()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""A live sandbox driven through corral's agent; shared by the namespace, landlock and process backends."""
+
+from __future__ import annotations
+
+import time
+
+from corral.backends.base import LiveSandbox, Result
+from corral.backends.outcome import classify, not_started
+from corral.errors import PolicyDenied, SandboxLost
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping, Sequence
+
+    from corral.agent.client import AgentClient
+    from corral.backends.base import OutputCallback
+    from corral.kernel.cgroups import Cgroup
+    from corral.policy.resolve import ResolvedPolicy
+
+
+class AgentSandbox(LiveSandbox):
+    def __init__(
+        self,
+        *,
+        backend: str,
+        sandbox_id: str,
+        rp: ResolvedPolicy,
+        client: AgentClient,
+        cgroup: Cgroup | None,
+        teardown: Callable[[], None],
+    ) -> None:
+        self.backend = backend
+        self.id = sandbox_id
+        self.rp = rp
+        self.client = client
+        self.cgroup = cgroup
+        self._teardown = teardown
+        self._stopped = False
+
+    def exec(
+        self,
+        argv: Sequence[str],
+        *,
+        stdin: bytes | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        on_output: OutputCallback | None = None,
+    ) -> Result:
+        if self._stopped:
+            raise SandboxLost(f"sandbox {self.id} was stopped")
+        if not argv:
+            raise ValueError("argv is empty")
+        full_env = self.rp.env_dict
+        if env:
+            full_env.update(env)
+        limits = self.rp.limits
+        timeout = timeout if timeout is not None else limits.timeout
+        started = time.monotonic()
+        deadline = None if timeout is None else started + timeout
+        reply, pumped = self.client.exec(
+            argv,
+            env=full_env,
+            cwd=cwd or self.rp.cwd,
+            stdin=stdin,
+            deadline=deadline,
+            output_limit=limits.output,
+            on_output=on_output,
+        )
+        wall = time.monotonic() - started
+        if reply.lost:
+            self.stop()
+            raise SandboxLost(f"sandbox {self.id} died while running {argv[0]!r}")
+        if reply.error is not None:
+            return not_started(argv, reply.errno, reply.error, what=str(reply.raw.get("what", "command")),
+                               subject=str(reply.raw.get("subject", argv[0])))  # fmt: skip
+        returncode = reply.returncode
+        assert returncode is not None
+        # Peak memory per exec comes from the agent's wait4 (the command and what it waited for);
+        # the cgroup is shared by the whole sandbox, so it only explains OOM kills and pids refusals.
+        return classify(argv, returncode, pumped, limits=limits, timeout=timeout, wall_time=wall,
+                        cgroup=self.cgroup, maxrss=reply.maxrss, cgroup_peak=False)  # fmt: skip
+
+    def put_file(self, path: str, data: bytes, *, mode: int = 0o644) -> None:
+        reply = self.client.put_file(self._absolute(path), data, mode)
+        if reply.lost:
+            raise SandboxLost(f"sandbox {self.id} is gone")
+        if reply.error is not None:
+            raise PolicyDenied(f"cannot write {path} in the sandbox: {reply.error}", rule="zones")
+
+    def get_file(self, path: str, *, max_bytes: int = 64 << 20) -> bytes:
+        reply, data = self.client.get_file(self._absolute(path), max_bytes)
+        if reply.lost:
+            raise SandboxLost(f"sandbox {self.id} is gone")
+        if reply.error is not None:
+            raise PolicyDenied(f"cannot read {path} in the sandbox: {reply.error}", rule="zones")
+        return data
+
+    def _absolute(self, path: str) -> str:
+        import posixpath
+
+        return posixpath.normpath(posixpath.join(self.rp.cwd, path))
+
+    def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        try:
+            self.client.stop()
+        finally:
+            self._teardown()

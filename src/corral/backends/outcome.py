@@ -1,0 +1,80 @@
+"""Turn what the host observed about a finished command into a `Result` with the reason it ended."""
+
+from __future__ import annotations
+
+from corral.backends.base import Result
+from corral.units import format_duration, format_size
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from corral.kernel.cgroups import Cgroup
+    from corral.kernel.pump import Pumped
+    from corral.policy.model import Limits
+
+SIGKILL = 9
+SIGXFSZ = 25
+
+
+def classify(
+    argv: Sequence[str],
+    returncode: int,
+    pumped: Pumped,
+    *,
+    limits: Limits,
+    timeout: float | None,
+    wall_time: float,
+    cgroup: Cgroup | None = None,
+    maxrss: int | None = None,
+    cgroup_peak: bool = True,
+) -> Result:
+    """`returncode` follows subprocess: negative for a signal."""
+    signal = -returncode if returncode < 0 else None
+    # Event counters are read only when they could explain the ending: it keeps a normal exit cheap.
+    abnormal = returncode != 0 or pumped.timed_out or pumped.output_exceeded
+    oom = cgroup.oom_kills() if cgroup is not None and signal == SIGKILL else 0
+    pids_hit = cgroup.pids_hits() if cgroup is not None and abnormal else 0
+    peak = cgroup.peak_memory() if cgroup is not None and cgroup_peak else None
+    if peak is None:
+        peak = maxrss
+    if pumped.timed_out:
+        reason, detail = "timeout", f"timed out after {format_duration(timeout or 0)}"
+        if pids_hit:
+            detail += f"; the pids limit ({limits.pids}) was reached"
+    elif pumped.output_exceeded:
+        reason, detail = "output", f"killed: output limit {format_size(limits.output or 0)} exceeded"
+    elif oom and signal == SIGKILL:
+        reason, detail = "memory", f"killed: memory limit {format_size(limits.memory or 0)}"
+    elif signal == SIGXFSZ:
+        reason, detail = "file_size", f"killed: file size limit {format_size(limits.file_size or 0)} exceeded"
+    elif pids_hit and returncode != 0:
+        reason, detail = "pids", f"the pids limit ({limits.pids}) was reached"
+    elif signal is not None:
+        reason, detail = "signal", f"killed by signal {signal}"
+    else:
+        reason, detail = "exited", "" if returncode == 0 else f"exit status {returncode}"
+    return Result(
+        argv=argv,
+        returncode=returncode,
+        reason=reason,  # type: ignore[arg-type]
+        detail=detail,
+        signal=signal,
+        stdout=pumped.get("stdout"),
+        stderr=pumped.get("stderr"),
+        stdout_truncated=pumped.truncated.get("stdout", False),
+        stderr_truncated=pumped.truncated.get("stderr", False),
+        wall_time=wall_time,
+        peak_memory=peak,
+    )
+
+
+def not_started(argv: Sequence[str], errno_: int, error: str, *, what: str, subject: str) -> Result:
+    """A command the sandbox could not start: 127 when missing, 126 otherwise (as shells do)."""
+    code = 127 if errno_ == 2 and what == "command" else 126
+    if what == "command":
+        message = f"corral: {subject}: command not found" if code == 127 else f"corral: {subject}: {error}"
+    else:
+        message = f"corral: cannot use {what} {subject}: {error}"
+    return Result(argv=argv, returncode=code, reason="exited", detail=message[len("corral: ") :],
+                  stderr=(message + "\n").encode())  # fmt: skip

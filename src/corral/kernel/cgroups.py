@@ -1,0 +1,383 @@
+"""Resource limits through cgroups, v2 where delegated, v1 where that is what the host has.
+
+A `CgroupHost` finds where this process may create cgroups; each sandbox gets one `Cgroup`
+(`corral-<pid>-<n>` under a `corral` directory in every hierarchy it uses). It sets memory, pids
+and cpu limits, attaches processes, kills everything inside, reports OOM kills, pids-limit hits and
+peak memory, and removes itself. Cgroups left by a crashed corral are reaped on the next start.
+
+On a v1 or hybrid host, the memory, pids and cpu hierarchies hold the limits and the unified (v2)
+hierarchy, when mounted, gives `cgroup.kill`; without it the v1 freezer (or a kill loop) does.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from corral.policy.model import Limits
+
+_V1_CONTROLLERS = ("memory", "pids", "cpu", "freezer")
+_CPU_PERIOD_US = 100_000
+
+
+class CgroupHost:
+    """Where corral may create cgroups here, or why it cannot (`mode == "none"`)."""
+
+    def __init__(self, mode: str, bases: dict[str, str], reason: str = "") -> None:
+        self.mode = mode  # "v2" | "v1" | "none"
+        self.bases = bases  # hierarchy ("v2", "memory", "pids", "cpu", "freezer", "unified") -> base dir
+        self.reason = reason
+        self._seq = 0
+
+    @property
+    def controllers(self) -> frozenset[str]:
+        """Which limits this host can enforce: a subset of {memory, pids, cpu}."""
+        if self.mode == "v1":
+            return frozenset(c for c in ("memory", "pids", "cpu") if c in self.bases)
+        if self.mode == "v2":
+            return self._v2_controllers
+        return frozenset()
+
+    @property
+    def describe(self) -> str:
+        if self.mode == "none":
+            return f"rlimits only ({self.reason})"
+        kill = "cgroup.kill" if ("unified" in self.bases or self.mode == "v2") else "freezer"
+        return f"cgroup {self.mode} ({', '.join(sorted(self.controllers))}; kill via {kill})"
+
+    @classmethod
+    def detect(cls) -> CgroupHost:
+        try:
+            mounts = _cgroup_mounts()
+            own = _own_cgroups()
+        except OSError as exc:
+            return cls("none", {}, f"cannot read cgroup mounts: {exc.strerror}")
+        v1 = {c: path for c, path in mounts.items() if c in _V1_CONTROLLERS}
+        unified = mounts.get("unified")
+        if unified is not None and not v1:
+            return cls._detect_v2(unified, own.get("", "/"))
+        if v1:
+            bases: dict[str, str] = {}
+            problems: list[str] = []
+            for controller, mount in v1.items():
+                base = _join(mount, own.get(controller, "/"), "corral")
+                if _ensure_dir(base):
+                    bases[controller] = base
+                else:
+                    problems.append(f"{controller}: {base} not writable")
+            if unified is not None:
+                base = _join(unified, own.get("", "/"), "corral")
+                if _ensure_dir(base) and os.path.exists(os.path.join(base, "cgroup.kill")):
+                    bases["unified"] = base
+            if not any(c in bases for c in ("memory", "pids", "cpu")):
+                return cls("none", {}, "; ".join(problems) or "no usable v1 controller")
+            host = cls("v1", bases)
+            host.reap_stale()
+            return host
+        return cls("none", {}, "no cgroup filesystem mounted")
+
+    @classmethod
+    def _detect_v2(cls, mount: str, own: str) -> CgroupHost:
+        own_dir = _join(mount, own)
+        # As root at the top of the tree we may use the root cgroup; otherwise we need a delegated
+        # subtree (our own cgroup writable by us), and v2's "no internal processes" rule means we
+        # first move ourselves into a leaf so our cgroup can hand controllers to its children.
+        base = _join(own_dir, "corral")
+        if not _ensure_dir(base):
+            return cls("none", {}, f"{own_dir} is not writable (no delegated cgroup v2 subtree)")
+        wanted = {"memory", "pids", "cpu"}
+        available = set(_read(os.path.join(own_dir, "cgroup.controllers")).split()) & wanted
+        enabled = set(_read(os.path.join(own_dir, "cgroup.subtree_control")).split())
+        if available - enabled and own != "/":
+            leaf = _join(own_dir, "corral-host")
+            if _ensure_dir(leaf):
+                try:
+                    _write(os.path.join(leaf, "cgroup.procs"), "0")
+                except OSError:
+                    pass
+        for controller in sorted(available - enabled):
+            try:
+                _write(os.path.join(own_dir, "cgroup.subtree_control"), f"+{controller}")
+            except OSError:
+                pass
+        for controller in sorted(available):
+            try:
+                _write(os.path.join(base, "cgroup.subtree_control"), f"+{controller}")
+            except OSError:
+                pass
+        host = cls("v2", {"v2": base})
+        host._v2_controllers = frozenset(
+            set(_read(os.path.join(base, "cgroup.subtree_control")).split()) & wanted
+        )
+        host.reap_stale()
+        return host
+
+    _v2_controllers: frozenset[str] = frozenset()
+
+    def create(self, limits: Limits | None = None) -> Cgroup:
+        """A new, empty cgroup in every hierarchy, with `limits` applied."""
+        if self.mode == "none":
+            raise OSError(errno.ENOTSUP, f"no usable cgroups: {self.reason}")
+        self._seq += 1
+        name = f"corral-{os.getpid()}-{self._seq}-{time.monotonic_ns() % 1_000_000}"
+        dirs: dict[str, str] = {}
+        try:
+            for hierarchy, base in self.bases.items():
+                path = os.path.join(base, name)
+                os.mkdir(path)
+                dirs[hierarchy] = path
+            cgroup = Cgroup(self.mode, dirs)
+            if limits is not None:
+                cgroup.set_limits(limits)
+        except OSError:
+            for path in dirs.values():
+                _rmdir_quiet(path)
+            raise
+        return cgroup
+
+    def reap_stale(self) -> None:
+        """Remove cgroups left behind by corral processes that no longer exist."""
+        for base in self.bases.values():
+            try:
+                names = os.listdir(base)
+            except OSError:
+                continue
+            for name in names:
+                parts = name.split("-")
+                if len(parts) < 3 or parts[0] != "corral" or not parts[1].isdigit():
+                    continue
+                if int(parts[1]) == os.getpid() or os.path.exists(f"/proc/{parts[1]}"):
+                    continue
+                stale = Cgroup(self.mode, {"x": os.path.join(base, name)})
+                stale.destroy()
+
+
+class Cgroup:
+    """One sandbox's cgroup, across the hierarchies the host offers."""
+
+    def __init__(self, mode: str, dirs: dict[str, str]) -> None:
+        self.mode = mode
+        self.dirs = dirs
+        self._oom_base = 0
+        self._pids_base = 0
+
+    def _dir(self, controller: str) -> str | None:
+        if self.mode == "v2":
+            return self.dirs.get("v2")
+        return self.dirs.get(controller)
+
+    def set_limits(self, limits: Limits) -> None:
+        if limits.memory is not None:
+            d = self._dir("memory")
+            if d is None:
+                raise OSError(errno.ENOTSUP, "no memory controller")
+            if self.mode == "v2":
+                _write(os.path.join(d, "memory.max"), str(limits.memory))
+                _write_if_exists(os.path.join(d, "memory.swap.max"), "0")
+            else:
+                _write(os.path.join(d, "memory.limit_in_bytes"), str(limits.memory))
+                _write_if_exists(os.path.join(d, "memory.memsw.limit_in_bytes"), str(limits.memory))
+        if limits.pids is not None:
+            d = self._dir("pids")
+            if d is None:
+                raise OSError(errno.ENOTSUP, "no pids controller")
+            _write(os.path.join(d, "pids.max"), str(limits.pids))
+        if limits.cpus is not None:
+            d = self._dir("cpu")
+            if d is None:
+                raise OSError(errno.ENOTSUP, "no cpu controller")
+            quota = max(1000, int(limits.cpus * _CPU_PERIOD_US))
+            if self.mode == "v2":
+                _write(os.path.join(d, "cpu.max"), f"{quota} {_CPU_PERIOD_US}")
+            else:
+                _write(os.path.join(d, "cpu.cfs_period_us"), str(_CPU_PERIOD_US))
+                _write(os.path.join(d, "cpu.cfs_quota_us"), str(quota))
+
+    def procs_files(self) -> list[str]:
+        """Every cgroup.procs file a process must be written to (one per hierarchy on v1)."""
+        return [os.path.join(d, "cgroup.procs") for d in self.dirs.values()]
+
+    def attach(self, pid: int) -> None:
+        for path in self.procs_files():
+            _write(path, str(pid))
+
+    def pids(self) -> list[int]:
+        seen: set[int] = set()
+        for path in self.procs_files():
+            for line in _read(path).split():
+                seen.add(int(line))
+        return sorted(seen)
+
+    def kill(self) -> None:
+        """SIGKILL every process inside, including ones forking as we go."""
+        kill_file = None
+        for hierarchy in ("unified", "v2"):
+            d = self.dirs.get(hierarchy)
+            if d and os.path.exists(os.path.join(d, "cgroup.kill")):
+                kill_file = os.path.join(d, "cgroup.kill")
+        if kill_file is not None:
+            try:
+                _write(kill_file, "1")
+                return
+            except OSError:
+                pass
+        freezer = self.dirs.get("freezer")
+        if freezer is not None:
+            _write_if_exists(os.path.join(freezer, "freezer.state"), "FROZEN")
+        for _ in range(100):
+            pids = self.pids()
+            if not pids:
+                break
+            for pid in pids:
+                try:
+                    os.kill(pid, 9)
+                except ProcessLookupError:
+                    pass
+            if freezer is not None:
+                _write_if_exists(os.path.join(freezer, "freezer.state"), "THAWED")
+            time.sleep(0.001)
+
+    def mark(self) -> None:
+        """Start measuring peak memory afresh (v1 can reset it; v2 reports the peak since creation)."""
+        d = self._dir("memory")
+        if d is not None and self.mode == "v1":
+            _write_if_exists(os.path.join(d, "memory.max_usage_in_bytes"), "0")
+
+    def oom_kills(self) -> int:
+        """OOM kills since the previous call (the first call counts from creation)."""
+        value = self._counter("memory", "oom_kill")
+        delta, self._oom_base = value - self._oom_base, value
+        return delta
+
+    def pids_hits(self) -> int:
+        """Times the pids limit refused a fork since the previous call."""
+        value = self._counter("pids", "max")
+        delta, self._pids_base = value - self._pids_base, value
+        return delta
+
+    def peak_memory(self) -> int | None:
+        d = self._dir("memory")
+        if d is None:
+            return None
+        name = "memory.peak" if self.mode == "v2" else "memory.max_usage_in_bytes"
+        text = _read(os.path.join(d, name)).strip()
+        return int(text) if text.isdigit() else None
+
+    def _counter(self, controller: str, key: str) -> int:
+        d = self._dir(controller)
+        if d is None:
+            return 0
+        if controller == "memory":
+            name = "memory.events" if self.mode == "v2" else "memory.oom_control"
+        else:
+            name = "pids.events"
+        for line in _read(os.path.join(d, name)).splitlines():
+            parts = line.split()
+            if len(parts) == 2 and parts[0] == key and parts[1].isdigit():
+                return int(parts[1])
+        return 0
+
+    def destroy(self) -> None:
+        """Kill what is left and remove the cgroup from every hierarchy. Idempotent."""
+        if not any(os.path.isdir(d) for d in self.dirs.values()):
+            return
+        self.kill()
+        for d in self.dirs.values():
+            for _ in range(200):
+                try:
+                    os.rmdir(d)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError as exc:
+                    if exc.errno != errno.EBUSY:
+                        break
+                    self.kill()
+                    time.sleep(0.005)
+
+
+def _cgroup_mounts() -> dict[str, str]:
+    """controller -> mount point for v1 hierarchies; "unified" -> the cgroup2 mount."""
+    found: dict[str, str] = {}
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            fstype, _source, *opts = right.split()
+            mount = fields[4].replace("\\040", " ")
+            if fstype == "cgroup2":
+                found.setdefault("unified", mount)
+            elif fstype == "cgroup":
+                for option in (opts[-1] if opts else "").split(","):
+                    if option in _V1_CONTROLLERS:
+                        found.setdefault(option, mount)
+    return found
+
+
+def _own_cgroups() -> dict[str, str]:
+    """controller -> this process's cgroup path; "" for the unified hierarchy."""
+    own: dict[str, str] = {}
+    with open("/proc/self/cgroup", encoding="utf-8") as f:
+        for line in f:
+            _, controllers, path = line.rstrip("\n").split(":", 2)
+            for controller in controllers.split(",") if controllers else [""]:
+                own[controller] = path
+    return own
+
+
+def _join(mount: str, *parts: str) -> str:
+    path = mount
+    for part in parts:
+        path = os.path.join(path, part.lstrip("/"))
+    return os.path.normpath(path)
+
+
+def _ensure_dir(path: str) -> bool:
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        pass
+    except OSError:
+        return False
+    return os.access(path, os.W_OK) and os.access(os.path.join(path, "cgroup.procs"), os.W_OK)
+
+
+def _read(path: str) -> str:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return ""
+    try:
+        return os.read(fd, 65536).decode()
+    except OSError:
+        return ""
+    finally:
+        os.close(fd)
+
+
+def _write(path: str, value: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
+
+
+def _write_if_exists(path: str, value: str) -> None:
+    try:
+        _write(path, value)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.EACCES, errno.EPERM):
+            raise
+
+
+def _rmdir_quiet(path: str) -> None:
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass

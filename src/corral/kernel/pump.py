@@ -1,0 +1,99 @@
+"""Drain a command's pipes on the host: bounded capture, streaming, the output limit and the deadline."""
+
+from __future__ import annotations
+
+import os
+import select
+import time
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+DEFAULT_CAPTURE = 64 << 20  # bytes kept per stream when the policy sets no output limit
+_CHUNK = 65536
+_GRACE = 5.0  # seconds to wait for pipes to close after a kill
+
+
+class Pumped:
+    """What the pump saw: captured bytes per stream and why it stopped early, if it did."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, bytearray] = {}
+        self.truncated: dict[str, bool] = {}
+        self.timed_out = False
+        self.output_exceeded = False
+        self.total = 0
+
+    def get(self, name: str) -> bytes:
+        return bytes(self.data.get(name, b""))
+
+
+def pump(
+    fds: dict[str, int],
+    *,
+    counted: tuple[str, ...] = ("stdout", "stderr"),
+    deadline: float | None = None,
+    output_limit: int | None = None,
+    on_output: Callable[[str, bytes], None] | None = None,
+    kill: Callable[[], None],
+) -> Pumped:
+    """Read every fd in `fds` to EOF (closing them). Streams named in `counted` count toward
+    `output_limit` and are passed to `on_output`; crossing the limit or `deadline` calls `kill` once.
+    """
+    out = Pumped()
+    names = {fd: name for name, fd in fds.items()}
+    for name in fds:
+        out.data[name] = bytearray()
+        out.truncated[name] = False
+    capture = output_limit if output_limit is not None else DEFAULT_CAPTURE
+    poller = select.poll()
+    for fd in names:
+        poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+    killed_at: float | None = None
+
+    def stop() -> None:
+        nonlocal killed_at
+        if killed_at is None:
+            killed_at = time.monotonic()
+            kill()
+
+    try:
+        while names:
+            now = time.monotonic()
+            if deadline is not None and killed_at is None and now >= deadline:
+                out.timed_out = True
+                stop()
+            if killed_at is not None and now - killed_at > _GRACE:
+                break  # something still holds a pipe open; give up on it
+            wait_until = deadline if killed_at is None else (killed_at + _GRACE)
+            timeout_ms = -1 if wait_until is None else max(0, int((wait_until - now) * 1000) + 1)
+            for fd, _event in poller.poll(timeout_ms):
+                name = names[fd]
+                try:
+                    chunk = os.read(fd, _CHUNK)
+                except BlockingIOError:
+                    continue
+                if not chunk:
+                    poller.unregister(fd)
+                    del names[fd]
+                    os.close(fd)
+                    continue
+                if name not in counted:
+                    out.data[name] += chunk
+                    continue
+                out.total += len(chunk)
+                room = capture - len(out.data[name])
+                if room > 0:
+                    out.data[name] += chunk[:room]
+                if len(chunk) > room:
+                    out.truncated[name] = True
+                if on_output is not None:
+                    on_output(name, chunk)
+                if output_limit is not None and out.total > output_limit and not out.output_exceeded:
+                    out.output_exceeded = True
+                    stop()
+    finally:
+        for fd in names:
+            os.close(fd)
+    return out

@@ -1,0 +1,404 @@
+"""The policy: plain, immutable, validated data. Nothing here touches the host.
+
+A `Policy` says what a sandbox may see (zones), reach (network), run (commands), use (limits) and
+inherit (environment). `corral.policy.resolve` turns it into a `ResolvedPolicy` against one host.
+Every constructor validates its input and raises `ConfigError` naming the field at fault.
+"""
+
+from __future__ import annotations
+
+import posixpath
+
+from corral._record import Record
+from corral.errors import ConfigError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping
+    from typing import Literal
+
+    ZoneMode = Literal["ro", "rw", "tmpfs"]
+    NetMode = Literal["none", "host", "allow"]
+
+ZONE_MODES = ("ro", "rw", "tmpfs")
+NET_MODES = ("none", "host", "allow")
+# Mount points a zone may never cover: the sandbox builds these itself.
+RESERVED_MOUNTS = ("/", "/proc", "/dev", "/sys")
+# The variables a clean environment keeps; PATH and HOME are the sandbox's own, not the host's.
+BASE_ENV = ("PATH", "HOME", "LANG", "TERM", "TZ")
+SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def _tuple_of_str(value: object, *, where: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        raise ConfigError(f"expected a list of strings, got the string {value!r}", where=where)
+    try:
+        items = tuple(value)  # type: ignore[call-overload]
+    except TypeError:
+        raise ConfigError(f"expected a list of strings, got {type(value).__name__}", where=where) from None
+    for i, item in enumerate(items):
+        if not isinstance(item, str) or not item:
+            raise ConfigError(f"expected a non-empty string, got {item!r}", where=f"{where}[{i}]")
+    return items
+
+
+def _optional_positive_int(value: object, *, where: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"expected a whole number, got {value!r}", where=where)
+    if value <= 0:
+        raise ConfigError(f"must be positive, got {value}", where=where)
+    return value
+
+
+def normalize_mount(mount: object, *, where: str) -> str:
+    """An absolute, normalized path inside the sandbox."""
+    if not isinstance(mount, str) or not mount:
+        raise ConfigError(f"expected an absolute path, got {mount!r}", where=where)
+    if "\0" in mount:
+        raise ConfigError("path contains a NUL byte", where=where)
+    if not mount.startswith("/"):
+        raise ConfigError(f"must be an absolute path inside the sandbox, got {mount!r}", where=where)
+    normalized = posixpath.normpath(mount)
+    return "/" + normalized.lstrip("/")
+
+
+class Zone(Record):
+    """A place in the sandbox: a host directory or file (read-only or read-write) or a fresh tmpfs."""
+
+    __slots__ = ("host", "mode", "mount", "size")
+    mount: str
+    mode: ZoneMode
+    host: str | None
+    size: int | None
+
+    def __init__(
+        self, *, mount: str, mode: ZoneMode = "ro", host: str | None = None, size: int | None = None
+    ) -> None:
+        if mode not in ZONE_MODES:
+            raise ConfigError(f"expected one of {', '.join(ZONE_MODES)}, got {mode!r}", where="zone.mode")
+        mount = normalize_mount(mount, where="zone.mount")
+        for reserved in RESERVED_MOUNTS:
+            if mount == reserved or (reserved != "/" and mount.startswith(reserved + "/")):
+                raise ConfigError(f"{mount} is managed by the sandbox and cannot be a zone", where="zone.mount")
+        if mode == "tmpfs":
+            if host is not None:
+                raise ConfigError("a tmpfs zone has no host path", where="zone.host")
+            size = _optional_positive_int(size, where="zone.size")
+        else:
+            if not isinstance(host, str) or not host:
+                raise ConfigError(f"a {mode} zone needs a host path", where="zone.host")
+            if "\0" in host:
+                raise ConfigError("path contains a NUL byte", where="zone.host")
+            if size is not None:
+                raise ConfigError("only tmpfs zones have a size", where="zone.size")
+        self._set(mount=mount, mode=mode, host=host, size=size)
+
+    @classmethod
+    def ro(cls, host: str, mount: str | None = None) -> Zone:
+        return cls(host=host, mount=mount or _default_mount(host), mode="ro")
+
+    @classmethod
+    def rw(cls, host: str, mount: str | None = None) -> Zone:
+        return cls(host=host, mount=mount or _default_mount(host), mode="rw")
+
+    @classmethod
+    def tmpfs(cls, mount: str, size: int | None = None) -> Zone:
+        return cls(mount=mount, mode="tmpfs", size=size)
+
+    @classmethod
+    def parse(cls, spec: str) -> Zone:
+        """`HOST[:MOUNT][:ro|rw]` as given to `--zone` (read-only unless `:rw`)."""
+        parts = spec.split(":")
+        mode: ZoneMode = "ro"
+        if len(parts) > 1 and parts[-1] in ("ro", "rw"):
+            mode = "rw" if parts.pop() == "rw" else "ro"
+        if len(parts) > 2 or not parts[0]:
+            raise ConfigError(f"expected HOST[:MOUNT][:ro|rw], got {spec!r}", where="--zone")
+        host = parts[0]
+        mount = parts[1] if len(parts) == 2 and parts[1] else _default_mount(host)
+        return cls(host=host, mount=mount, mode=mode)
+
+    @classmethod
+    def parse_tmpfs(cls, spec: str) -> Zone:
+        """`MOUNT[:SIZE]` as given to `--tmpfs`."""
+        from corral.units import parse_size
+
+        mount, _, size = spec.partition(":")
+        return cls(mount=mount, mode="tmpfs", size=parse_size(size, where="--tmpfs") if size else None)
+
+
+def _default_mount(host: str) -> str:
+    # A zone given only by its host path appears at the same absolute path inside.
+    return posixpath.normpath(posixpath.join(_cwd(), host))
+
+
+def _cwd() -> str:
+    import os
+
+    return os.getcwd()
+
+
+class Network(Record):
+    """What the sandbox may reach. `none` (the default) leaves it only its own loopback."""
+
+    __slots__ = ("allow", "allow_cidrs", "deny_cidrs", "mode", "upstream")
+    mode: NetMode
+    allow: tuple[str, ...]
+    allow_cidrs: tuple[str, ...]
+    deny_cidrs: tuple[str, ...]
+    upstream: str | None
+
+    def __init__(
+        self,
+        *,
+        mode: NetMode = "none",
+        allow: Iterable[str] = (),
+        allow_cidrs: Iterable[str] = (),
+        deny_cidrs: Iterable[str] = (),
+        upstream: str | None = None,
+    ) -> None:
+        if mode not in NET_MODES:
+            raise ConfigError(f"expected one of {', '.join(NET_MODES)}, got {mode!r}", where="network.mode")
+        allow_t = tuple(a.lower() for a in _tuple_of_str(allow, where="network.allow"))
+        allow_cidrs_t = _tuple_of_str(allow_cidrs, where="network.allow_cidrs")
+        deny_cidrs_t = _tuple_of_str(deny_cidrs, where="network.deny_cidrs")
+        if mode != "allow" and (allow_t or allow_cidrs_t):
+            raise ConfigError(f"an allowlist needs mode 'allow', not {mode!r}", where="network.allow")
+        for i, pattern in enumerate(allow_t):
+            _check_domain_pattern(pattern, where=f"network.allow[{i}]")
+        if upstream is not None and (not isinstance(upstream, str) or "://" not in upstream):
+            raise ConfigError(
+                f"expected a proxy URL such as http://proxy:3128, got {upstream!r}", where="network.upstream"
+            )
+        self._set(
+            mode=mode, allow=allow_t, allow_cidrs=allow_cidrs_t, deny_cidrs=deny_cidrs_t, upstream=upstream
+        )
+
+    @classmethod
+    def parse(cls, spec: str) -> Network:
+        """`none`, `host` or `allow:DOMAIN[:PORT],...` as given to `--net`."""
+        if spec in ("none", "host"):
+            return cls(mode=spec)  # type: ignore[arg-type]
+        if spec.startswith("allow:"):
+            items = [s.strip() for s in spec[len("allow:") :].split(",") if s.strip()]
+            if not items:
+                raise ConfigError("allow: needs at least one domain", where="--net")
+            return cls(mode="allow", allow=items)
+        raise ConfigError(f"expected none, host or allow:DOMAIN,..., got {spec!r}", where="--net")
+
+
+def _check_domain_pattern(pattern: str, *, where: str) -> None:
+    host, _, port = pattern.rpartition(":") if pattern.count(":") == 1 else (pattern, "", "")
+    if port and (not port.isdigit() or not 0 < int(port) < 65536):
+        raise ConfigError(f"bad port in {pattern!r}", where=where)
+    labels = host.split(".")
+    if host == "*" or any(not label for label in labels):
+        raise ConfigError(f"not a domain pattern: {pattern!r}", where=where)
+    if "*" in host[1:] or (host.startswith("*") and not host.startswith("*.")):
+        raise ConfigError(f"a wildcard may only be a leading '*.' label: {pattern!r}", where=where)
+    if host.startswith("*.") and len(labels) < 3:
+        raise ConfigError(f"over-broad pattern {pattern!r}: name at least two labels after '*.'", where=where)
+
+
+class Commands(Record):
+    """Which commands may run. Deny wins over ask, ask over allow; a non-empty allow list denies the rest.
+
+    Patterns are command prefixes: `git push` matches `git push origin main`; each word may use
+    `*`, `?` and `[...]` globs. `ask` goes to a Python callback or the external `approver` command;
+    a failure or a timeout of the approver means deny.
+    """
+
+    __slots__ = ("allow", "approver", "ask", "ask_timeout", "deny")
+    allow: tuple[str, ...]
+    deny: tuple[str, ...]
+    ask: tuple[str, ...]
+    approver: tuple[str, ...] | None
+    ask_timeout: float
+
+    def __init__(
+        self,
+        *,
+        allow: Iterable[str] = (),
+        deny: Iterable[str] = (),
+        ask: Iterable[str] = (),
+        approver: Iterable[str] | None = None,
+        ask_timeout: float = 60.0,
+    ) -> None:
+        approver_t = None if approver is None else _tuple_of_str(approver, where="commands.approver")
+        if approver_t == ():
+            raise ConfigError("the approver command is empty", where="commands.approver")
+        if isinstance(ask_timeout, bool) or not isinstance(ask_timeout, int | float) or ask_timeout <= 0:
+            raise ConfigError(f"must be a positive number of seconds, got {ask_timeout!r}", where="commands.ask_timeout")
+        self._set(
+            allow=_tuple_of_str(allow, where="commands.allow"),
+            deny=_tuple_of_str(deny, where="commands.deny"),
+            ask=_tuple_of_str(ask, where="commands.ask"),
+            approver=approver_t,
+            ask_timeout=float(ask_timeout),
+        )
+
+
+class Limits(Record):
+    """Resource limits. `None` means no limit beyond the host's own."""
+
+    __slots__ = ("cpus", "file_size", "memory", "open_files", "output", "pids", "timeout")
+    cpus: float | None
+    memory: int | None
+    pids: int | None
+    timeout: float | None
+    output: int | None
+    file_size: int | None
+    open_files: int | None
+
+    def __init__(
+        self,
+        *,
+        cpus: float | None = None,
+        memory: int | None = None,
+        pids: int | None = None,
+        timeout: float | None = None,
+        output: int | None = None,
+        file_size: int | None = None,
+        open_files: int | None = None,
+    ) -> None:
+        if cpus is not None and (isinstance(cpus, bool) or not isinstance(cpus, int | float) or not cpus > 0):
+            raise ConfigError(f"must be a positive number of CPUs, got {cpus!r}", where="limits.cpus")
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0
+        ):
+            raise ConfigError(f"must be a positive number of seconds, got {timeout!r}", where="limits.timeout")
+        memory = _optional_positive_int(memory, where="limits.memory")
+        if memory is not None and memory < 4 << 20:
+            raise ConfigError(f"must be at least 4M, got {memory} bytes", where="limits.memory")
+        self._set(
+            cpus=None if cpus is None else float(cpus),
+            memory=memory,
+            pids=_optional_positive_int(pids, where="limits.pids"),
+            timeout=None if timeout is None else float(timeout),
+            output=_optional_positive_int(output, where="limits.output"),
+            file_size=_optional_positive_int(file_size, where="limits.file_size"),
+            open_files=_optional_positive_int(open_files, where="limits.open_files"),
+        )
+
+    def merged(self, other: Limits) -> Limits:
+        """These limits with every limit `other` sets replacing ours."""
+        return Limits(**{k: v if v is not None else getattr(self, k) for k, v in other.as_dict().items()})
+
+
+class Env(Record):
+    """The sandbox's environment: clean, plus named pass-through variables and fixed values."""
+
+    __slots__ = ("passthrough", "values")
+    passthrough: tuple[str, ...]
+    values: tuple[tuple[str, str], ...]
+
+    def __init__(self, *, passthrough: Iterable[str] = (), values: Mapping[str, str] | None = None) -> None:
+        names = _tuple_of_str(passthrough, where="env.pass")
+        for name in names:
+            _check_env_name(name, where="env.pass")
+        pairs: list[tuple[str, str]] = []
+        for name, value in sorted((values or {}).items()):
+            _check_env_name(name, where="env.set")
+            if not isinstance(value, str) or "\0" in value:
+                raise ConfigError(f"value of {name} must be a string without NUL bytes", where="env.set")
+            pairs.append((name, value))
+        self._set(passthrough=names, values=tuple(pairs))
+
+    def build(self, host_env: Mapping[str, str], *, home: str) -> dict[str, str]:
+        """The environment a command starts with."""
+        env = {"PATH": SANDBOX_PATH, "HOME": home}
+        for name in ("LANG", "TERM", "TZ"):
+            if name in host_env:
+                env[name] = host_env[name]
+        env.setdefault("LANG", "C.UTF-8")
+        for name in self.passthrough:
+            if name in host_env:
+                env[name] = host_env[name]
+        env.update(self.values)
+        return env
+
+
+def _check_env_name(name: str, *, where: str) -> None:
+    if not name or "=" in name or "\0" in name or name[0].isdigit():
+        raise ConfigError(f"not a valid variable name: {name!r}", where=where)
+
+
+class Policy(Record):
+    """Everything a sandbox is allowed. Build one with `Policy.workspace()`, `Policy.from_profile()`,
+    `corral.policy.load_policy()` (TOML) or directly; change one with `.replace(...)` / `.with_zones(...)`.
+    """
+
+    __slots__ = ("commands", "cwd", "env", "hostname", "limits", "network", "profile", "uid", "zones")
+    zones: tuple[Zone, ...]
+    network: Network
+    commands: Commands
+    limits: Limits
+    env: Env
+    cwd: str | None
+    uid: int
+    hostname: str
+    profile: str | None
+
+    def __init__(
+        self,
+        *,
+        zones: Iterable[Zone] = (),
+        network: Network | None = None,
+        commands: Commands | None = None,
+        limits: Limits | None = None,
+        env: Env | None = None,
+        cwd: str | None = None,
+        uid: int = 1000,
+        hostname: str = "corral",
+        profile: str | None = None,
+    ) -> None:
+        zones_t = tuple(zones)
+        for i, zone in enumerate(zones_t):
+            if not isinstance(zone, Zone):
+                raise ConfigError(f"expected a Zone, got {type(zone).__name__}", where=f"zones[{i}]")
+        # A later zone at the same mount point replaces an earlier one.
+        by_mount: dict[str, Zone] = {}
+        for zone in zones_t:
+            by_mount.pop(zone.mount, None)
+            by_mount[zone.mount] = zone
+        if cwd is not None:
+            cwd = normalize_mount(cwd, where="cwd")
+        if isinstance(uid, bool) or not isinstance(uid, int) or not 0 <= uid < 65534:
+            raise ConfigError(f"expected a uid between 0 and 65533, got {uid!r}", where="uid")
+        if not isinstance(hostname, str) or not hostname or len(hostname) > 63 or not all(
+            c.isalnum() or c == "-" for c in hostname
+        ):
+            raise ConfigError(f"not a valid host name: {hostname!r}", where="hostname")
+        self._set(
+            zones=tuple(by_mount.values()),
+            network=network if network is not None else Network(),
+            commands=commands if commands is not None else Commands(),
+            limits=limits if limits is not None else Limits(),
+            env=env if env is not None else Env(),
+            cwd=cwd,
+            uid=uid,
+            hostname=hostname,
+            profile=profile,
+        )
+
+    @classmethod
+    def workspace(cls, path: str = ".") -> Policy:
+        """The default: `path` read-write at its own absolute path, system read-only, /tmp a tmpfs, no network."""
+        from corral.policy.profiles import make_profile
+
+        return make_profile("workspace", workspace=path)
+
+    @classmethod
+    def from_profile(cls, name: str, workspace: str = ".") -> Policy:
+        """A named profile: strict, workspace, fs_safe, net_safe or dev."""
+        from corral.policy.profiles import make_profile
+
+        return make_profile(name, workspace=workspace)
+
+    def with_zones(self, *zones: Zone) -> Policy:
+        return self.replace(zones=(*self.zones, *zones))
+
+    def with_limits(self, **limits: object) -> Policy:
+        return self.replace(limits=self.limits.merged(Limits(**limits)))  # type: ignore[arg-type]

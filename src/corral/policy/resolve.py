@@ -1,0 +1,232 @@
+"""Resolve a `Policy` against this host: the one place policy code touches the filesystem.
+
+The result, a `ResolvedPolicy`, holds absolute real host paths, the read-only system view, the
+minimal /etc and the final environment; backends see only it. Resolution fails with a
+`ConfigError` naming the zone when a host path is missing or a zone would expose the host's root.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+
+from corral._record import Record
+from corral.errors import ConfigError
+from corral.policy.model import Commands, Limits, Network, Policy, Zone
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+# Read-only system directories shown at their host paths (symlinks, as on merged-/usr hosts, stay symlinks).
+SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+# Public, secret-free parts of /etc shown read-only when the host has them. Never shadow, sudoers,
+# ssh keys, machine-id or anything naming the host's users: those are synthesized or absent.
+ETC_PUBLIC = (
+    "alternatives", "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "ssl", "ca-certificates", "pki",
+    "crypto-policies", "localtime", "timezone", "os-release", "lsb-release", "debian_version",
+    "protocols", "services", "mime.types", "bash.bashrc", "profile", "inputrc", "host.conf",
+    "gai.conf", "magic", "magic.mime", "python3", "python3.11", "python3.12", "python3.13", "perl",
+)  # fmt: skip
+SANDBOX_USER = "sandbox"
+
+
+class Mount(Record):
+    """One step in building the sandbox's filesystem, applied in order."""
+
+    __slots__ = ("dest", "kind", "size", "source")
+    kind: str  # "ro-bind" | "bind" | "tmpfs" | "symlink" | "file"
+    source: str | None  # host path, symlink target, or file content key
+    dest: str
+    size: int | None
+
+    def __init__(self, *, kind: str, dest: str, source: str | None = None, size: int | None = None) -> None:
+        self._set(kind=kind, source=source, dest=dest, size=size)
+
+
+class ResolvedZone(Record):
+    __slots__ = ("host", "mode", "mount", "size")
+    host: str | None  # the real host path (symlinks resolved)
+    mount: str
+    mode: str
+    size: int | None
+
+    def __init__(self, *, host: str | None, mount: str, mode: str, size: int | None) -> None:
+        self._set(host=host, mount=mount, mode=mode, size=size)
+
+
+class ResolvedPolicy(Record):
+    """A policy bound to this host. Pure data; backends turn it into a sandbox."""
+
+    __slots__ = (
+        "commands", "cwd", "env", "etc_files", "gid", "home", "hostname", "limits",
+        "network", "policy", "system", "uid", "zones",
+    )  # fmt: skip
+    policy: Policy
+    zones: tuple[ResolvedZone, ...]  # parents before children
+    system: tuple[Mount, ...]  # the read-only system view and public /etc entries
+    etc_files: tuple[tuple[str, bytes], ...]  # synthesized /etc files: (name, content)
+    env: tuple[tuple[str, str], ...]
+    cwd: str
+    home: str
+    uid: int
+    gid: int
+    hostname: str
+    network: Network
+    limits: Limits
+    commands: Commands
+
+    def __init__(self, **fields: object) -> None:
+        self._set(**fields)
+
+    @property
+    def env_dict(self) -> dict[str, str]:
+        return dict(self.env)
+
+    def to_host(self, path: str) -> str | None:
+        """The host path behind a sandbox path, or None when it lies in a tmpfs or outside every zone.
+
+        System directories map to themselves. Used for checks and messages, never to write.
+        """
+        path = posixpath.normpath(path)
+        best: ResolvedZone | None = None
+        for zone in self.zones:
+            if (path == zone.mount or path.startswith(zone.mount.rstrip("/") + "/")) and (
+                best is None or len(zone.mount) > len(best.mount)
+            ):
+                best = zone
+        if best is not None:
+            if best.host is None:
+                return None
+            return best.host + path[len(best.mount) :] if path != best.mount else best.host
+        for mount in self.system:
+            if mount.dest in SYSTEM_DIRS and (path == mount.dest or path.startswith(mount.dest + "/")):
+                return path
+        return None
+
+    def writable_mounts(self) -> tuple[str, ...]:
+        return tuple(z.mount for z in self.zones if z.mode in ("rw", "tmpfs"))
+
+
+def resolve(
+    policy: Policy,
+    *,
+    host_env: Mapping[str, str] | None = None,
+    host_cwd: str | None = None,
+    base_dir: str | None = None,
+) -> ResolvedPolicy:
+    """Bind `policy` to this host. Relative zone host paths are taken from `base_dir` (default: cwd)."""
+    host_env = os.environ if host_env is None else host_env
+    host_cwd = os.getcwd() if host_cwd is None else host_cwd
+    base_dir = host_cwd if base_dir is None else base_dir
+    zones = tuple(sorted(_resolve_zones(policy.zones, base_dir), key=lambda z: z.mount.count("/")))
+
+    uid = policy.uid
+    gid = uid
+    home = "/root" if uid == 0 else f"/home/{SANDBOX_USER}"
+    if not any(z.mount == home for z in zones):
+        zones = (*zones, ResolvedZone(host=None, mount=home, mode="tmpfs", size=256 << 20))
+
+    env = policy.env.build(host_env, home=home)
+    resolved = ResolvedPolicy(
+        policy=policy,
+        zones=zones,
+        system=_system_view(),
+        etc_files=_etc_files(policy, uid=uid, gid=gid, home=home),
+        env=tuple(sorted(env.items())),
+        cwd="/",
+        home=home,
+        uid=uid,
+        gid=gid,
+        hostname=policy.hostname,
+        network=policy.network,
+        limits=policy.limits,
+        commands=policy.commands,
+    )
+    return resolved.replace(cwd=_sandbox_cwd(policy, zones, host_cwd))
+
+
+def _resolve_zones(zones: tuple[Zone, ...], base_dir: str) -> list[ResolvedZone]:
+    out: list[ResolvedZone] = []
+    for i, zone in enumerate(zones):
+        where = f"zones[{i}] ({zone.mount})"
+        if zone.host is None:
+            out.append(ResolvedZone(host=None, mount=zone.mount, mode="tmpfs", size=zone.size))
+            continue
+        joined = posixpath.join(base_dir, os.path.expanduser(zone.host))
+        real = os.path.realpath(joined)
+        try:
+            os.stat(real)
+        except FileNotFoundError:
+            raise ConfigError(f"host path {joined} does not exist", where=where) from None
+        except OSError as exc:
+            raise ConfigError(f"cannot use host path {joined}: {exc.strerror}", where=where) from None
+        if zone.mode == "rw" and real == "/":
+            raise ConfigError("refusing to make the host's root directory writable", where=where)
+        out.append(ResolvedZone(host=real, mount=zone.mount, mode=zone.mode, size=None))
+    return out
+
+
+def _system_view() -> tuple[Mount, ...]:
+    mounts: list[Mount] = []
+    for d in SYSTEM_DIRS:
+        if os.path.islink(d):
+            mounts.append(Mount(kind="symlink", source=os.readlink(d), dest=d))
+        elif os.path.isdir(d):
+            mounts.append(Mount(kind="ro-bind", source=d, dest=d))
+    for name in ETC_PUBLIC:
+        path = "/etc/" + name
+        if os.path.islink(path):
+            mounts.append(Mount(kind="symlink", source=os.readlink(path), dest=path))
+        elif os.path.exists(path):
+            mounts.append(Mount(kind="ro-bind", source=path, dest=path))
+    return tuple(mounts)
+
+
+def _etc_files(policy: Policy, *, uid: int, gid: int, home: str) -> tuple[tuple[str, bytes], ...]:
+    user = "root" if uid == 0 else SANDBOX_USER
+    passwd = "root:x:0:0:root:/root:/bin/sh\n"
+    group = "root:x:0:\n"
+    if uid != 0:
+        passwd += f"{user}:x:{uid}:{gid}:corral sandbox:{home}:/bin/sh\n"
+        group += f"{user}:x:{gid}:\n"
+    passwd += "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
+    group += "nogroup:x:65534:\n"
+    name = policy.hostname
+    hosts = f"127.0.0.1\tlocalhost {name}\n::1\tlocalhost ip6-localhost ip6-loopback {name}\n"
+    resolv = _host_resolv_conf() if policy.network.mode == "host" else "# no network in this sandbox\n"
+    return (
+        ("passwd", passwd.encode()),
+        ("group", group.encode()),
+        ("hosts", hosts.encode()),
+        ("hostname", f"{name}\n".encode()),
+        ("resolv.conf", resolv.encode()),
+        ("nsswitch.conf", b"passwd: files\ngroup: files\nhosts: files dns\nservices: files\nprotocols: files\n"),
+    )
+
+
+def _host_resolv_conf() -> str:
+    try:
+        with open("/etc/resolv.conf", encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def _sandbox_cwd(policy: Policy, zones: tuple[ResolvedZone, ...], host_cwd: str) -> str:
+    if policy.cwd is not None:
+        return policy.cwd
+    real_cwd = os.path.realpath(host_cwd)
+    best: ResolvedZone | None = None
+    for zone in zones:
+        if zone.host is not None and os.path.isdir(zone.host):
+            inside = real_cwd == zone.host or real_cwd.startswith(zone.host.rstrip("/") + "/")
+            if inside and (best is None or len(zone.host) > len(best.host or "")):
+                best = zone
+    if best is not None and best.host is not None:
+        rel = real_cwd[len(best.host) :]
+        return posixpath.normpath(best.mount + rel) if rel else best.mount
+    for zone in zones:
+        if zone.mode == "rw":
+            return zone.mount
+    return "/"

@@ -1,0 +1,78 @@
+"""Parse and format sizes ("64M", "1.5G") and durations ("2s", "500ms", "1h")."""
+
+from __future__ import annotations
+
+from corral.errors import ConfigError
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_TIME_UNITS = {"": 1.0, "s": 1.0, "ms": 0.001, "m": 60.0, "min": 60.0, "h": 3600.0}
+
+
+def _split_number(text: str) -> tuple[str, str]:
+    i = 0
+    while i < len(text) and (text[i].isdigit() or text[i] == "."):
+        i += 1
+    return text[:i], text[i:]
+
+
+def parse_size(value: object, *, where: str) -> int:
+    """Bytes from an int or a string such as "64M", "1.5G", "512k", "4096" (binary units)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"expected a size such as 512M, got {value!r}", where=where)
+    if isinstance(value, int):
+        number = float(value)
+    elif isinstance(value, str):
+        text = value.strip().lower()
+        digits, unit = _split_number(text)
+        unit = unit.strip()
+        if unit.endswith("ib"):
+            unit = unit[:-2]
+        elif unit.endswith("b") and unit != "b":
+            unit = unit[:-1]
+        if not digits or digits.count(".") > 1 or unit not in _SIZE_UNITS:
+            raise ConfigError(f"expected a size such as 512M or 2G, got {value!r}", where=where)
+        number = float(digits) * _SIZE_UNITS[unit]
+    else:
+        raise ConfigError(f"expected a size such as 512M, got {type(value).__name__} {value!r}", where=where)
+    if number <= 0:
+        raise ConfigError(f"must be positive, got {value!r}", where=where)
+    return int(number)
+
+
+def parse_duration(value: object, *, where: str) -> float:
+    """Seconds from a number or a string such as "2s", "500ms", "1.5m", "1h"."""
+    if isinstance(value, bool):
+        raise ConfigError(f"expected a duration such as 30s, got {value!r}", where=where)
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        digits, unit = _split_number(value.strip().lower())
+        unit = unit.strip()
+        if not digits or digits.count(".") > 1 or unit not in _TIME_UNITS:
+            raise ConfigError(f"expected a duration such as 30s, 500ms or 2m, got {value!r}", where=where)
+        seconds = float(digits) * _TIME_UNITS[unit]
+    else:
+        raise ConfigError(
+            f"expected a duration such as 30s, got {type(value).__name__} {value!r}", where=where
+        )
+    if not seconds > 0 or seconds != seconds or seconds == float("inf"):
+        raise ConfigError(f"must be a positive duration, got {value!r}", where=where)
+    return seconds
+
+
+def format_size(n: int) -> str:
+    for unit, factor in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= factor and n % factor == 0:
+            return f"{n // factor}{unit}"
+    for unit, factor in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= factor:
+            return f"{n / factor:.1f}{unit}"
+    return f"{n}B"
+
+
+def format_duration(seconds: float) -> str:
+    if seconds >= 1 and float(seconds).is_integer():
+        return f"{int(seconds)}s"
+    if seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    return f"{seconds:g}s"
