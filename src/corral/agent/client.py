@@ -91,23 +91,34 @@ class AgentClient:
         *,
         env: Mapping[str, str],
         cwd: str,
-        stdin: bytes | None,
+        stdin: bytes | int | None,
         deadline: float | None,
         output_limit: int | None,
         on_output: Callable[[str, bytes], None] | None,
+        output: tuple[int, int] | None = None,
     ) -> tuple[AgentReply, Pumped]:
+        """Start `argv`, drain its output (unless `output` passes host fds through), wait for its end."""
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
-        out_r, out_w = os.pipe2(os.O_CLOEXEC)
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        ours = [status_w, out_w, err_w]
-        if stdin is not None:
-            ours.append(memfd_with("corral-stdin", stdin))
+        readers: dict[str, int] = {"status": status_r}
+        ours = [status_w]  # closed here once sent
+        if output is None:
+            out_r, out_w = os.pipe2(os.O_CLOEXEC)
+            err_r, err_w = os.pipe2(os.O_CLOEXEC)
+            readers.update(stdout=out_r, stderr=err_r)
+            ours += [out_w, err_w]
+            send_fds = [status_w, out_w, err_w]
+        else:
+            send_fds = [status_w, output[0], output[1]]
+        if isinstance(stdin, bytes):
+            stdin_fd = memfd_with("corral-stdin", stdin)
+            ours.append(stdin_fd)
+            send_fds.append(stdin_fd)
+        elif isinstance(stdin, int):
+            send_fds.append(stdin)
         try:
-            exec_id = self._send(
-                {"op": "exec", "argv": list(argv), "env": dict(env), "cwd": cwd}, ours
-            )
+            exec_id = self._send({"op": "exec", "argv": list(argv), "env": dict(env), "cwd": cwd}, send_fds)
         except BaseException:
-            for fd in (status_r, out_r, err_r):
+            for fd in readers.values():
                 os.close(fd)
             raise
         finally:
@@ -121,7 +132,7 @@ class AgentClient:
                 pass
 
         pumped = pump(
-            {"stdout": out_r, "stderr": err_r, "status": status_r},
+            readers,
             deadline=deadline,
             output_limit=output_limit,
             on_output=on_output,

@@ -118,7 +118,9 @@ def apply_landlock(read_only: list, read_write: list, *, connect_ports: list = N
         size = 24
     ruleset = _check(libc.syscall(SYS_LANDLOCK["create"], ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0)), "landlock_create_ruleset")
     try:
-        for paths, rights in ((read_only, READ_RIGHTS), (read_write, fs)):
+        # Device nodes may never be made, not even in a writable zone (root could mknod a disk).
+        writable = fs & ~(FS_MAKE_CHAR | FS_MAKE_BLOCK)
+        for paths, rights in ((read_only, READ_RIGHTS), (read_write, writable)):
             for path in paths:
                 try:
                     fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
@@ -165,6 +167,43 @@ def load_seccomp(program: bytes) -> None:
     prog = _SockFprog(len(program) // 8, ctypes.cast(buf, ctypes.c_void_p))
     libc = _libc()
     _check(libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0), "prctl(PR_SET_SECCOMP)")
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+PR_CAPBSET_DROP = 24
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+_SYS_CAPSET = {"x86_64": 126, "aarch64": 91}
+
+
+def drop_capabilities() -> None:
+    """Drop every capability from the bounding, ambient, effective, permitted and inheritable sets.
+
+    Afterwards even uid 0 cannot regain a capability by exec (the bounding set is empty).
+    """
+    libc = _libc()
+    libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    for cap in range(64):
+        if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0:
+            err = ctypes.get_errno()
+            if err == 22:  # EINVAL: past the last capability this kernel knows
+                break
+            raise ConfineError(err, "prctl(PR_CAPBSET_DROP, %d): %s" % (cap, os.strerror(err)))
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    libc.syscall.restype = ctypes.c_long
+    number = _SYS_CAPSET.get(os.uname().machine)
+    if number is None:
+        raise ConfineError(95, "capset: unsupported architecture")
+    _check(libc.syscall(number, ctypes.byref(header), ctypes.byref(data)), "capset")
 
 
 def set_rlimits(limits: dict) -> None:  # type: ignore[type-arg]

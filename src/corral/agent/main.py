@@ -55,6 +55,8 @@ class Agent:
         confine.set_child_subreaper()
         if message.get("rlimits"):
             confine.set_rlimits(message["rlimits"])
+        if message.get("drop_capabilities"):
+            confine.drop_capabilities()
         landlock = message.get("landlock")
         if landlock:
             info["landlock"] = confine.apply_landlock(

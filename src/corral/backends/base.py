@@ -90,10 +90,10 @@ class Capabilities(Record):
 
 def required_features(rp: ResolvedPolicy) -> dict[str, str]:
     """The features `rp` needs, each with the policy part that needs it."""
+    # Only what the policy asks for. Process hiding and the syscall filter are properties of a
+    # backend (listed in its capabilities), not parts of a policy.
     need: dict[str, str] = {
         "fs.isolation": "zones",
-        "proc.isolation": "process isolation",
-        "syscall.filter": "system-call filter",
         f"net.{rp.network.mode}": f"network mode '{rp.network.mode}'",
     }
     for zone in rp.zones:
@@ -222,13 +222,20 @@ class LiveSandbox:
         self,
         argv: Sequence[str],
         *,
-        stdin: bytes | None = None,
+        stdin: bytes | int | None = None,
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         timeout: float | None = None,
         on_output: OutputCallback | None = None,
+        output: tuple[int, int] | None = None,
     ) -> Result:
-        """Run `argv` inside; `env` adds to the policy's environment; `on_output(stream, chunk)` streams."""
+        """Run `argv` inside.
+
+        `stdin` is bytes, or a host file descriptor the command reads directly. `env` adds to the
+        policy's environment. Output is captured (bounded) and streamed to `on_output(stream, chunk)`,
+        unless `output` names two host descriptors the command writes to directly (then the
+        output limit cannot apply and the Result holds no output).
+        """
         raise NotImplementedError
 
     def put_file(self, path: str, data: bytes, *, mode: int = 0o644) -> None:
@@ -262,13 +269,14 @@ class Backend:
         argv: Sequence[str],
         *,
         sandbox_id: str,
-        stdin: bytes | None = None,
+        stdin: bytes | int | None = None,
         timeout: float | None = None,
         on_output: OutputCallback | None = None,
+        output: tuple[int, int] | None = None,
     ) -> Result:
-        """One command in a fresh sandbox. Backends may override this with a faster path."""
+        """One command in a fresh sandbox (see `LiveSandbox.exec`). Backends may override this with a faster path."""
         live = self.start(rp, sandbox_id=sandbox_id)
         try:
-            return live.exec(argv, stdin=stdin, timeout=timeout, on_output=on_output)
+            return live.exec(argv, stdin=stdin, timeout=timeout, on_output=on_output, output=output)
         finally:
             live.stop()

@@ -28,6 +28,7 @@ class AgentSandbox(LiveSandbox):
         client: AgentClient,
         cgroup: Cgroup | None,
         teardown: Callable[[], None],
+        path_map: Mapping[str, str] | None = None,
     ) -> None:
         self.backend = backend
         self.id = sandbox_id
@@ -36,16 +37,19 @@ class AgentSandbox(LiveSandbox):
         self.cgroup = cgroup
         self._teardown = teardown
         self._stopped = False
+        # Sandbox paths the backend shows elsewhere (a tmpfs emulated by a private host directory).
+        self._path_map = dict(path_map or {})
 
     def exec(
         self,
         argv: Sequence[str],
         *,
-        stdin: bytes | None = None,
+        stdin: bytes | int | None = None,
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         timeout: float | None = None,
         on_output: OutputCallback | None = None,
+        output: tuple[int, int] | None = None,
     ) -> Result:
         if self._stopped:
             raise SandboxLost(f"sandbox {self.id} was stopped")
@@ -61,11 +65,12 @@ class AgentSandbox(LiveSandbox):
         reply, pumped = self.client.exec(
             argv,
             env=full_env,
-            cwd=cwd or self.rp.cwd,
+            cwd=self._translate(cwd) if cwd else self.rp.cwd,
             stdin=stdin,
             deadline=deadline,
             output_limit=limits.output,
             on_output=on_output,
+            output=output,
         )
         wall = time.monotonic() - started
         if reply.lost:
@@ -99,7 +104,13 @@ class AgentSandbox(LiveSandbox):
     def _absolute(self, path: str) -> str:
         import posixpath
 
-        return posixpath.normpath(posixpath.join(self.rp.cwd, path))
+        return self._translate(posixpath.normpath(posixpath.join(self.rp.cwd, path)))
+
+    def _translate(self, path: str) -> str:
+        for mount in sorted(self._path_map, key=len, reverse=True):
+            if path == mount or path.startswith(mount.rstrip("/") + "/"):
+                return self._path_map[mount] + path[len(mount) :]
+        return path
 
     def stop(self) -> None:
         if self._stopped:

@@ -37,9 +37,11 @@ def pump(
     output_limit: int | None = None,
     on_output: Callable[[str, bytes], None] | None = None,
     kill: Callable[[], None],
+    watch: int | None = None,
 ) -> Pumped:
     """Read every fd in `fds` to EOF (closing them). Streams named in `counted` count toward
     `output_limit` and are passed to `on_output`; crossing the limit or `deadline` calls `kill` once.
+    `watch` (e.g. a pidfd) is waited for too, until readable; it is neither read nor closed.
     """
     out = Pumped()
     names = {fd: name for name, fd in fds.items()}
@@ -50,6 +52,9 @@ def pump(
     poller = select.poll()
     for fd in names:
         poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+    if watch is not None:
+        names[watch] = "<watch>"
+        poller.register(watch, select.POLLIN)
     killed_at: float | None = None
 
     def stop() -> None:
@@ -70,6 +75,10 @@ def pump(
             timeout_ms = -1 if wait_until is None else max(0, int((wait_until - now) * 1000) + 1)
             for fd, _event in poller.poll(timeout_ms):
                 name = names[fd]
+                if fd == watch:
+                    poller.unregister(fd)
+                    del names[fd]
+                    continue
                 try:
                     chunk = os.read(fd, _CHUNK)
                 except BlockingIOError:
@@ -95,5 +104,6 @@ def pump(
                     stop()
     finally:
         for fd in names:
-            os.close(fd)
+            if fd != watch:
+                os.close(fd)
     return out

@@ -104,6 +104,33 @@ class ResolvedPolicy(Record):
                 return path
         return None
 
+    def program_status(self, name: str, cwd: str | None = None) -> int | None:
+        """Whether `name` would be found inside: 0 yes, ENOENT / EACCES no, None when it cannot be told
+        from the host (it would lie in a tmpfs). Lets a one-shot launch report 127 / 126 precisely.
+        """
+        cwd = cwd or self.cwd
+        if "/" in name:
+            candidates = [posixpath.join(cwd, name)]
+        else:
+            path_var = dict(self.env).get("PATH", "")
+            candidates = [posixpath.join(d or cwd, name) for d in path_var.split(":")]
+        denied = False
+        for candidate in candidates:
+            host = self.to_host(candidate)
+            if host is None:
+                return None
+            try:
+                if os.path.isdir(host):
+                    denied = denied or "/" in name
+                    continue
+                if os.path.exists(host):
+                    if os.access(host, os.X_OK):
+                        return 0
+                    denied = True
+            except OSError:
+                return None
+        return 13 if denied else 2
+
     def writable_mounts(self) -> tuple[str, ...]:
         return tuple(z.mount for z in self.zones if z.mode in ("rw", "tmpfs"))
 

@@ -10,7 +10,7 @@ import time
 from corral.backends.base import Backend, Capabilities, LiveSandbox, Result
 from corral.backends.namespace.argv import AGENT_DIR, PYTHON_DIR, Extras
 from corral.backends.namespace.launch import Bwrap, find_bwrap, launch
-from corral.backends.outcome import classify
+from corral.backends.outcome import classify, not_started
 from corral.errors import BackendUnavailable, LaunchError
 
 TYPE_CHECKING = False
@@ -88,7 +88,7 @@ class NamespaceBackend(Backend):
         enforces.update("limits.cpus" if c == "cpu" else f"limits.{c}" for c in cgroups.controllers)
         # rlimits stand in for pids (RLIMIT_NPROC) and memory (RLIMIT_DATA) without cgroups.
         enforces.update(("limits.pids", "limits.memory"))
-        notes = [f"bubblewrap {bwrap.version_text} ({bwrap.path})", f"limits: {cgroups.describe}"]
+        notes = [f"bubblewrap {bwrap.version_text} ({bwrap.path})"]
         if "memory" not in cgroups.controllers:
             notes.append("memory limit is an RLIMIT_DATA per process (no memory cgroup here)")
         notes.append("Landlock is layered inside live sandboxes where the kernel has it")
@@ -104,41 +104,59 @@ class NamespaceBackend(Backend):
         argv: Sequence[str],
         *,
         sandbox_id: str,
-        stdin: bytes | None = None,
+        stdin: bytes | int | None = None,
         timeout: float | None = None,
         on_output: OutputCallback | None = None,
+        output: tuple[int, int] | None = None,
     ) -> Result:
         """One command in a fresh sandbox, without an agent: bubblewrap runs the command itself."""
         from corral.kernel.pump import pump
         from corral.kernel.spawn import memfd_with
 
+        missing = rp.program_status(argv[0])
+        if missing:
+            result = not_started(argv, missing, os.strerror(missing), what="command", subject=argv[0])
+            if output is not None:
+                os.write(output[1], result.stderr)
+            return result
         timeout = timeout if timeout is not None else rp.limits.timeout
-        out_r, out_w = os.pipe2(os.O_CLOEXEC)
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        in_fd = memfd_with("corral-stdin", stdin) if stdin is not None else os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        ours: list[int] = []  # descriptors to close once bubblewrap has its copies
+        readers: dict[str, int] = {}
+        if output is None:
+            out_r, out_w = os.pipe2(os.O_CLOEXEC)
+            err_r, err_w = os.pipe2(os.O_CLOEXEC)
+            readers = {"stdout": out_r, "stderr": err_r}
+            ours += [out_w, err_w]
+            out_fds = (out_w, err_w)
+        else:
+            out_fds = output
+        if isinstance(stdin, int):
+            in_fd = stdin
+        else:
+            in_fd = memfd_with("corral-stdin", stdin) if stdin is not None else os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+            ours.append(in_fd)
         started = time.monotonic()
         try:
-            launched = launch(self.bwrap, rp, argv, cgroups=self.cgroups, stdio=(in_fd, out_w, err_w))
+            launched = launch(self.bwrap, rp, argv, cgroups=self.cgroups, stdio=(in_fd, *out_fds))
         except BaseException:
-            for fd in (out_r, err_r):
+            for fd in readers.values():
                 os.close(fd)
             raise
         finally:
-            for fd in (in_fd, out_w, err_w):
+            for fd in ours:
                 os.close(fd)
         try:
             if launched.cgroup is not None:
                 launched.cgroup.mark()
             deadline = None if timeout is None else started + timeout
-            pumped = pump({"stdout": out_r, "stderr": err_r}, deadline=deadline,
-                          output_limit=rp.limits.output, on_output=on_output, kill=launched.kill)  # fmt: skip
+            pumped = pump(readers, deadline=deadline, output_limit=rp.limits.output, on_output=on_output,
+                          kill=launched.kill, watch=launched.monitor.pidfd)  # fmt: skip
             status = launched.wait()
             assert status is not None
             wall = time.monotonic() - started
             if not launched.command_started() and not (pumped.timed_out or pumped.output_exceeded):
-                raise LaunchError(
-                    f"the sandbox failed to start: {pumped.get('stderr').decode(errors='replace').strip()}"
-                )
+                why = pumped.get("stderr").decode(errors="replace").strip() or "see the messages above"
+                raise LaunchError(f"the sandbox failed to start: {why}")
             return classify(argv, shell_to_subprocess(status), pumped, limits=rp.limits, timeout=timeout,
                             wall_time=wall, cgroup=launched.cgroup)  # fmt: skip
         finally:

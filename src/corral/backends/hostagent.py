@@ -1,0 +1,148 @@
+"""Backends without namespaces: corral's agent runs as a host process and confines itself.
+
+Shared by `landlock` (Landlock + seccomp + no capabilities + rlimits) and `process` (rlimits and
+the policy checks only). Without a mount namespace a zone can only appear at its own host path,
+and a tmpfs zone becomes a private host directory: /tmp's is exported as TMPDIR, the home
+zone's as HOME; a tmpfs zone anywhere else cannot be offered and is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sys
+import tempfile
+
+from corral.backends.base import Backend, LiveSandbox
+from corral.errors import LaunchError, UnsupportedPolicy
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from corral.kernel.cgroups import CgroupHost
+    from corral.policy.resolve import ResolvedPolicy
+
+
+def agent_main_path() -> str:
+    import corral.agent
+
+    return os.path.join(os.path.dirname(os.path.realpath(corral.agent.__file__)), "main.py")
+
+
+class HostAgentBackend(Backend):
+    """Start the agent as a confined host process. Subclasses say how it confines itself (`hello`)."""
+
+    def __init__(self, *, cgroups: CgroupHost | None = None) -> None:
+        self._cgroups = cgroups
+
+    @property
+    def cgroups(self) -> CgroupHost:
+        if self._cgroups is None:
+            from corral.kernel.cgroups import CgroupHost
+
+            self._cgroups = CgroupHost.detect()
+        return self._cgroups
+
+    def hello(self, rp: ResolvedPolicy, private: dict[str, str]) -> tuple[dict[str, object], bytes]:
+        """The confinement message for the agent and the seccomp program it loads ("" for none)."""
+        raise NotImplementedError
+
+    def start(self, rp: ResolvedPolicy, *, sandbox_id: str) -> LiveSandbox:
+        from corral.agent.client import AgentClient
+        from corral.backends.live import AgentSandbox
+        from corral.backends.namespace.launch import rlimits_for
+        from corral.kernel.spawn import Child, memfd_with, spawn
+
+        if rp.limits.cpus is not None and "cpu" not in self.cgroups.controllers:
+            raise UnsupportedPolicy(self.name, ("limits.cpus (no cpu cgroup controller here)",))
+        private = self._private_dirs(rp)
+        env = rp.env_dict
+        if "/tmp" in private:
+            env["TMPDIR"] = private["/tmp"]
+        if rp.home in private:
+            env["HOME"] = private[rp.home]
+        rp = rp.replace(env=tuple(sorted(env.items())), cwd=_host_cwd(rp, private))
+        host_sock, agent_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        log_fd = os.memfd_create("corral-agent-log", os.MFD_CLOEXEC)
+        null_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        cgroup = None
+        child: Child | None = None
+        try:
+            limits = rp.limits
+            if self.cgroups.mode != "none" and (limits.memory or limits.pids or limits.cpus):
+                cgroup = self.cgroups.create(limits)
+            argv = [os.path.realpath(sys.executable), "-E", "-s", "-S", "-B", agent_main_path()]
+            agent_env = {**env, "CORRAL_AGENT_FD": str(agent_sock.fileno())}
+            child = Child(spawn(argv, env=agent_env, stdio=(null_fd, log_fd, log_fd),
+                                pass_fds=[agent_sock.fileno()], new_session=True))  # fmt: skip
+            # The agent runs nothing before its hello, so attaching it now leaves no gap.
+            if cgroup is not None:
+                cgroup.attach(child.pid)
+            hello, program = self.hello(rp, private)
+            hello["rlimits"] = rlimits_for(rp, self.cgroups.controllers if cgroup is not None else frozenset())
+            client = AgentClient(host_sock)
+            client.handshake(hello, fds=[memfd_with("corral-seccomp", program)] if program else [])
+        except BaseException as exc:
+            log = _read_log(log_fd)
+            if child is not None:
+                child.kill()
+                child.wait()
+            if cgroup is not None:
+                cgroup.destroy()
+            host_sock.close()
+            os.close(log_fd)
+            _remove(private)
+            if isinstance(exc, LaunchError) and log:
+                raise LaunchError(f"{exc}: {log}") from exc
+            raise
+        finally:
+            agent_sock.close()
+            os.close(null_fd)
+        agent = child
+
+        def teardown() -> None:
+            if cgroup is not None:
+                cgroup.kill()
+            agent.kill()
+            agent.wait()
+            if cgroup is not None:
+                cgroup.destroy()
+            os.close(log_fd)
+            _remove(private)
+
+        return AgentSandbox(backend=self.name, sandbox_id=sandbox_id, rp=rp, client=client, cgroup=cgroup,
+                            teardown=teardown, path_map=private)  # fmt: skip
+
+    def _private_dirs(self, rp: ResolvedPolicy) -> dict[str, str]:
+        private: dict[str, str] = {}
+        for zone in rp.zones:
+            if zone.mode != "tmpfs":
+                continue
+            if zone.mount not in ("/tmp", rp.home):
+                _remove(private)
+                raise UnsupportedPolicy(self.name, (f"tmpfs zone {zone.mount} (only /tmp and the home directory "
+                                                    "can be emulated without a mount namespace)",))  # fmt: skip
+            path = tempfile.mkdtemp(prefix=f"corral-{zone.mount.strip('/').replace('/', '-')}-")
+            private[zone.mount] = path
+        return private
+
+
+def _host_cwd(rp: ResolvedPolicy, private: dict[str, str]) -> str:
+    for mount, path in private.items():
+        if rp.cwd == mount or rp.cwd.startswith(mount + "/"):
+            return path + rp.cwd[len(mount) :]
+    host = rp.to_host(rp.cwd)
+    return host if host is not None else rp.cwd
+
+
+def _read_log(fd: int) -> str:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        return os.read(fd, 65536).decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def _remove(private: dict[str, str]) -> None:
+    for path in private.values():
+        shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,128 @@
+"""Backend names, how to build each, and how `auto` chooses.
+
+`auto` tries the general-purpose backends from the strongest down and takes the first that works
+here; it never picks `process`, and with `min_backend` it refuses rather than go below that
+strength. A backend that works is remembered in a small cache file (only success is cached: a
+forged entry can only make corral try a backend, and a launch that fails still refuses to run).
+"""
+
+from __future__ import annotations
+
+import os
+
+from corral.errors import BackendUnavailable, ConfigError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from corral.backends.base import Backend, Capabilities
+
+# name -> (module, class, strength). Strength orders isolation, weakest first.
+BACKENDS: dict[str, tuple[str, str, int]] = {
+    "process": ("corral.backends.process", "ProcessBackend", 0),
+    "landlock": ("corral.backends.landlock", "LandlockBackend", 20),
+    "namespace": ("corral.backends.namespace.backend", "NamespaceBackend", 30),
+}
+AUTO_ORDER = ("namespace", "landlock")
+PROBE_CACHE_VERSION = "1"
+
+
+def known_backends() -> tuple[str, ...]:
+    return tuple(BACKENDS)
+
+
+def strength_of(name: str) -> int:
+    if name not in BACKENDS:
+        raise ConfigError(f"unknown backend {name!r}; expected auto or one of {', '.join(BACKENDS)}", where="backend")
+    return BACKENDS[name][2]
+
+
+def create(name: str) -> Backend:
+    """A backend instance by name (no probing)."""
+    import importlib
+
+    strength_of(name)
+    module, cls, _ = BACKENDS[name]
+    backend: Backend = getattr(importlib.import_module(module), cls)()
+    return backend
+
+
+def choose(name: str = "auto", *, min_backend: str | None = None, fresh: bool = False) -> tuple[Backend, Capabilities]:
+    """The backend to use and what it can do here; raises BackendUnavailable (with every reason) if none fits."""
+    floor = strength_of(min_backend) if min_backend else -1
+    if name != "auto":
+        if strength_of(name) < floor:
+            raise ConfigError(f"backend {name!r} is weaker than the required minimum {min_backend!r}", where="backend")
+        backend = create(name)
+        caps = probe(backend, fresh=fresh)
+        if not caps.available:
+            raise BackendUnavailable(name, caps.reason, fix=caps.fix)
+        return backend, caps
+    reasons: list[str] = []
+    for candidate in AUTO_ORDER:
+        if strength_of(candidate) < floor:
+            continue
+        backend = create(candidate)
+        caps = probe(backend, fresh=fresh)
+        if caps.available:
+            return backend, caps
+        reasons.append(f"{candidate}: {caps.reason}" + (f" (fix: {caps.fix})" if caps.fix else ""))
+    detail = "; ".join(reasons) or f"no backend is at least as strong as {min_backend!r}"
+    raise BackendUnavailable("auto", f"no sandbox backend works here: {detail}")
+
+
+def probe(backend: Backend, *, fresh: bool = False) -> Capabilities:
+    """`backend.probe()`, remembered across runs while the host stays the same."""
+    key = _cache_key(backend.name)
+    path = _cache_path(backend.name)
+    if not fresh and path is not None:
+        cached = _read_cache(path, key)
+        if cached is not None:
+            return cached
+    caps = backend.probe()
+    if caps.available and path is not None:
+        _write_cache(path, key, caps)
+    return caps
+
+
+def _cache_key(name: str) -> str:
+    import sys
+
+    from corral import __version__
+
+    parts = [PROBE_CACHE_VERSION, __version__, name, os.uname().release, str(os.getuid()), sys.prefix]
+    return "|".join(parts)
+
+
+def _cache_path(name: str) -> str | None:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    if not base.startswith("/"):
+        return None
+    return os.path.join(base, "corral", f"probe-{name}.txt")
+
+
+def _read_cache(path: str, key: str) -> Capabilities | None:
+    from corral.backends.base import Capabilities
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    if len(lines) < 5 or lines[0] != key:
+        return None
+    enforces = frozenset(x for x in lines[3].split(",") if x)
+    return Capabilities(name=lines[1], available=True, strength=int(lines[2]), enforces=enforces,
+                        limits_via=lines[4], notes=tuple(lines[5:]))  # fmt: skip
+
+
+def _write_cache(path: str, key: str, caps: Capabilities) -> None:
+    text = "\n".join([key, caps.name, str(caps.strength), ",".join(sorted(caps.enforces)), caps.limits_via,
+                      *caps.notes]) + "\n"  # fmt: skip
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError:
+        pass

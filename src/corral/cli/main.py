@@ -1,0 +1,298 @@
+"""The `corral` command line: parse, call the library, render.
+
+`corral run` sits on the start-up path of every sandboxed command, so it parses its own flags and
+imports only what it needs; the other subcommands use argparse and rich freely.
+
+Exit codes: the command's own (a signal N as 128+N); 124 timeout; 122 denied by policy;
+125 corral could not run it (bad configuration, no backend, launch failure); 126 not executable;
+127 not found; 2 usage error.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from corral.errors import EXIT_CORRAL_FAILURE, EXIT_USAGE, ConfigError, CorralError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from corral.backends.base import Result
+
+EXIT_TIMEOUT = 124
+
+# flag -> (metavar or None for a switch, repeatable, help). The single source for parsing and --help.
+RUN_FLAGS: dict[str, tuple[str | None, bool, str]] = {
+    "--backend": ("NAME", False, "auto (default), namespace, landlock or process"),
+    "--min-backend": ("NAME", False, "refuse any backend weaker than NAME"),
+    "--allow-weaker": (None, False, "accept a backend that cannot enforce every part of the policy"),
+    "--profile": ("NAME", False, "strict, workspace (default), fs_safe, net_safe or dev"),
+    "--config": ("FILE", False, "a corral.toml (default: the nearest corral.toml or [tool.corral])"),
+    "--no-config": (None, False, "ignore config files"),
+    "--zone": ("HOST[:MOUNT][:ro|rw]", True, "add a zone (read-only unless :rw)"),
+    "--tmpfs": ("MOUNT[:SIZE]", True, "add a tmpfs zone"),
+    "--net": ("MODE", False, "none (default), host, or allow:DOMAIN[:PORT],..."),
+    "--memory": ("SIZE", False, "memory limit, e.g. 512M"),
+    "--cpus": ("N", False, "CPU limit, e.g. 1.5"),
+    "--pids": ("N", False, "process limit"),
+    "--timeout": ("DURATION", False, "wall-time limit, e.g. 30s, 2m"),
+    "--output": ("SIZE", False, "output limit (stdout + stderr)"),
+    "--file-size": ("SIZE", False, "largest file the command may write"),
+    "--open-files": ("N", False, "open files limit"),
+    "--env": ("NAME[=VALUE]", True, "pass NAME from the host, or set it"),
+    "--allow-command": ("PATTERN", True, "allow only commands matching these patterns"),
+    "--deny-command": ("PATTERN", True, "deny commands matching PATTERN"),
+    "--ask-command": ("PATTERN", True, "ask the approver before commands matching PATTERN"),
+    "--cwd": ("DIR", False, "working directory inside the sandbox"),
+    "--uid": ("N", False, "uid inside the sandbox (default 1000; 0 for root inside)"),
+    "--audit": ("FILE", False, "append audit events (JSON lines) to FILE"),
+    "--json": (None, False, "capture output and print the result as JSON"),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        code = _dispatch(args)
+    except CorralError as exc:
+        _error(str(exc))
+        code = exc.exit_code
+    except KeyboardInterrupt:
+        code = 130
+    if argv is None:
+        sys.exit(code)
+    return code
+
+
+def _dispatch(args: list[str]) -> int:
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(_USAGE)
+        return 0 if args else EXIT_USAGE
+    if args[0] in ("-V", "--version", "version"):
+        from corral import __version__
+
+        print(f"corral {__version__}")
+        return 0
+    command, rest = args[0], args[1:]
+    if command == "run":
+        return run_command(rest)
+    if command == "doctor":
+        from corral.cli.doctor import doctor_command
+
+        return doctor_command(rest)
+    if command == "audit":
+        from corral.cli.audit import audit_command
+
+        return audit_command(rest)
+    _error(f"unknown command {command!r}; try 'corral --help'")
+    return EXIT_USAGE
+
+
+_USAGE = """usage: corral COMMAND [ARGS]
+
+Run an AI agent's commands inside a sandbox.
+
+commands:
+  run [FLAGS] -- CMD ARGS...   run one command in a fresh sandbox (corral run --help)
+  doctor [--json]              which backends work here, and why not
+  audit FILE [FILTERS]         read an audit log (corral audit --help)
+  --version                    print the version
+
+Exit codes: the command's own; 124 timeout; 122 denied by policy; 125 corral failed;
+126 not executable; 127 not found; 2 usage error."""
+
+
+def _error(message: str) -> None:
+    sys.stderr.write(f"corral: {message}\n")
+    sys.stderr.flush()
+
+
+def run_help() -> str:
+    lines = ["usage: corral run [FLAGS] [--] CMD ARGS...", "", "flags:"]
+    for flag, (metavar, repeat, text) in RUN_FLAGS.items():
+        left = f"{flag} {metavar}" if metavar else flag
+        lines.append(f"  {left:<34} {text}{' (repeatable)' if repeat else ''}")
+    return "\n".join(lines)
+
+
+def parse_run_args(args: list[str]) -> tuple[dict[str, object], list[str]]:
+    """Flags (as {flag: value | [values] | True}) and the command. Raises ConfigError on bad usage."""
+    opts: dict[str, object] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            return opts, args[i + 1 :]
+        if not arg.startswith("-") or arg == "-":
+            return opts, args[i:]
+        if arg in ("-h", "--help"):
+            opts["--help"] = True
+            return opts, []
+        name, eq, value = arg.partition("=")
+        spec = RUN_FLAGS.get(name)
+        if spec is None:
+            raise ConfigError(f"unknown flag {name!r} (see corral run --help)", where="corral run")
+        metavar, repeat, _ = spec
+        if metavar is None:
+            if eq:
+                raise ConfigError("takes no value", where=name)
+            opts[name] = True
+        else:
+            if not eq:
+                i += 1
+                if i >= len(args):
+                    raise ConfigError(f"needs a value ({metavar})", where=name)
+                value = args[i]
+            if repeat:
+                existing = opts.setdefault(name, [])
+                assert isinstance(existing, list)
+                existing.append(value)
+            else:
+                opts[name] = value
+        i += 1
+    return opts, []
+
+
+def build_policy(opts: dict[str, object]) -> tuple[object, str | None, str | None, str | None]:
+    """(policy, backend, min_backend, audit path) from config files and flags: flags win."""
+    from corral.policy.load import load_config
+    from corral.policy.model import Commands, Env, Limits, Network, Zone
+    from corral.units import parse_duration, parse_size
+
+    config = load_config(
+        _opt(opts, "--config"), profile=_opt(opts, "--profile"), search=not opts.get("--no-config")
+    )
+    policy = config.policy
+    zones = [Zone.parse(spec) for spec in _list(opts, "--zone")]
+    zones += [Zone.parse_tmpfs(spec) for spec in _list(opts, "--tmpfs")]
+    if zones:
+        policy = policy.with_zones(*zones)
+    if "--net" in opts:
+        policy = policy.replace(network=Network.parse(str(opts["--net"])))
+    limits: dict[str, object] = {}
+    for flag, field, parse in (
+        ("--memory", "memory", "size"), ("--output", "output", "size"), ("--file-size", "file_size", "size"),
+        ("--timeout", "timeout", "duration"), ("--pids", "pids", "int"), ("--open-files", "open_files", "int"),
+        ("--cpus", "cpus", "float"),
+    ):  # fmt: skip
+        text = _opt(opts, flag)
+        if text is None:
+            continue
+        if parse == "size":
+            limits[field] = parse_size(text, where=flag)
+        elif parse == "duration":
+            limits[field] = parse_duration(text, where=flag)
+        else:
+            limits[field] = _number(text, flag, integer=parse == "int")
+    if limits:
+        policy = policy.replace(limits=policy.limits.merged(Limits(**limits)))  # type: ignore[arg-type]
+    env_flags = _list(opts, "--env")
+    if env_flags:
+        passthrough = list(policy.env.passthrough)
+        values = dict(policy.env.values)
+        for item in env_flags:
+            name, eq, value = item.partition("=")
+            if eq:
+                values[name] = value
+            else:
+                passthrough.append(name)
+        policy = policy.replace(env=Env(passthrough=passthrough, values=values))
+    allow, deny, ask = _list(opts, "--allow-command"), _list(opts, "--deny-command"), _list(opts, "--ask-command")
+    if allow or deny or ask:
+        c = policy.commands
+        policy = policy.replace(commands=Commands(allow=(*c.allow, *allow), deny=(*c.deny, *deny), ask=(*c.ask, *ask),
+                                                  approver=c.approver, ask_timeout=c.ask_timeout))  # fmt: skip
+    if "--cwd" in opts:
+        policy = policy.replace(cwd=_opt(opts, "--cwd"))
+    if "--uid" in opts:
+        policy = policy.replace(uid=int(_number(str(opts["--uid"]), "--uid", integer=True)))
+    backend = _opt(opts, "--backend") or config.backend
+    return policy, backend, _opt(opts, "--min-backend") or config.min_backend, _opt(opts, "--audit") or config.audit
+
+
+def _opt(opts: dict[str, object], name: str) -> str | None:
+    value = opts.get(name)
+    return value if isinstance(value, str) else None
+
+
+def _list(opts: dict[str, object], name: str) -> list[str]:
+    value = opts.get(name, [])
+    return [str(v) for v in value] if isinstance(value, list) else []
+
+
+def _number(text: str, flag: str, *, integer: bool) -> float:
+    try:
+        value = int(text) if integer else float(text)
+    except ValueError:
+        raise ConfigError(f"expected a {'whole ' if integer else ''}number, got {text!r}", where=flag) from None
+    if value <= 0 and flag != "--uid":
+        raise ConfigError(f"must be positive, got {text}", where=flag)
+    return value
+
+
+def run_command(args: list[str]) -> int:
+    opts, command = parse_run_args(args)
+    if opts.get("--help"):
+        print(run_help())
+        return 0
+    if not command:
+        _error("no command given (corral run [FLAGS] -- CMD ARGS...)")
+        return EXIT_USAGE
+    from corral.backends import registry
+    from corral.backends.base import check_supported
+    from corral.policy.resolve import resolve
+    from corral.sandbox import _Guard, new_id
+
+    policy, backend_name, min_backend, audit_path = build_policy(opts)
+    rp = resolve(policy)  # type: ignore[arg-type]
+    backend, caps = registry.choose(backend_name or "auto", min_backend=min_backend)
+    weaker = check_supported(caps, rp, allow_weaker=bool(opts.get("--allow-weaker")))
+    if weaker:
+        _error(f"warning: backend {backend.name} does not enforce: {'; '.join(weaker)}")
+    audit = None
+    if audit_path:
+        from corral.audit import AuditLog
+
+        audit = AuditLog(audit_path)
+    sandbox_id = new_id()
+    guard = _Guard(rp, sandbox_id=sandbox_id, backend=backend.name, audit=audit, approver=None)
+    try:
+        result = guard.admit(command, rp.cwd)
+        if result is None:
+            as_json = bool(opts.get("--json"))
+            # Output goes straight to our stdout/stderr unless it must be captured or counted.
+            output = None if (as_json or rp.limits.output is not None) else (1, 2)
+            forward = None if as_json else _forward
+            result = backend.run(rp, command, sandbox_id=sandbox_id, stdin=0, output=output, on_output=forward)
+        guard.record_exec(command, rp.cwd, result)
+    finally:
+        if audit is not None:
+            audit.close()
+    return _report(result, backend.name, sandbox_id, as_json=bool(opts.get("--json")))
+
+
+def _forward(stream: str, chunk: bytes) -> None:
+    out = sys.stdout.buffer if stream == "stdout" else sys.stderr.buffer
+    out.write(chunk)
+    out.flush()
+
+
+def _report(result: Result, backend: str, sandbox_id: str, *, as_json: bool) -> int:
+    if as_json:
+        import json
+
+        print(json.dumps({**result.as_json(), "backend": backend, "sandbox": sandbox_id}, indent=2))
+    elif result.reason == "denied":
+        sys.stderr.buffer.write(result.stderr)
+    elif result.reason != "exited":
+        _error(result.detail)
+    if result.reason == "denied":
+        return 122
+    if result.reason == "timeout":
+        return EXIT_TIMEOUT
+    code = result.returncode
+    if code is None:
+        return EXIT_CORRAL_FAILURE
+    return 128 + -code if code < 0 else code

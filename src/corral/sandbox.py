@@ -1,0 +1,299 @@
+"""`Sandbox`: one live sandbox = a backend + a resolved policy + command rules + the audit log.
+
+    with corral.Sandbox(corral.Policy.workspace("."), backend="auto") as sb:
+        sb.exec(["make"]).check()
+        print(sb.exec(["./a.out"]).stdout_text)
+
+and `corral.run(argv, policy=...)`, the one-shot form shaped like `subprocess.run`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from corral.backends.base import Result, check_supported
+from corral.errors import PolicyDenied
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping, Sequence
+
+    from corral.audit import AuditLog
+    from corral.backends.base import Backend, Capabilities, LiveSandbox, OutputCallback
+    from corral.policy.commands import Decision
+    from corral.policy.model import Policy
+    from corral.policy.resolve import ResolvedPolicy
+
+    Approver = Callable[["AskRequest"], bool]
+
+
+class AskRequest:
+    """What an approver is asked: may `argv` run, given the rule that asked?"""
+
+    def __init__(self, *, argv: Sequence[str], rule: str, sandbox: str, cwd: str) -> None:
+        self.argv = tuple(argv)
+        self.rule = rule
+        self.sandbox = sandbox
+        self.cwd = cwd
+
+    def as_json(self) -> dict[str, object]:
+        return {"argv": list(self.argv), "rule": self.rule, "sandbox": self.sandbox, "cwd": self.cwd}
+
+
+def new_id() -> str:
+    return os.urandom(6).hex()
+
+
+def _resolve(policy: Policy | ResolvedPolicy | None) -> ResolvedPolicy:
+    from corral.policy.model import Policy
+    from corral.policy.resolve import ResolvedPolicy, resolve
+
+    if policy is None:
+        policy = Policy.workspace(".")
+    if isinstance(policy, ResolvedPolicy):
+        return policy
+    if not isinstance(policy, Policy):
+        raise TypeError(f"policy must be a corral.Policy, not {type(policy).__name__}")
+    return resolve(policy)
+
+
+def _open_audit(audit: AuditLog | str | None) -> tuple[AuditLog | None, bool]:
+    if audit is None or not isinstance(audit, str):
+        return audit, False
+    from corral.audit import AuditLog
+
+    return AuditLog(audit), True
+
+
+class _Guard:
+    """Command rules, approval and the audit trail, shared by `Sandbox` and `run`."""
+
+    def __init__(self, rp: ResolvedPolicy, *, sandbox_id: str, backend: str, audit: AuditLog | None,
+                 approver: Approver | None) -> None:  # fmt: skip
+        from corral.policy.commands import CommandRules
+
+        self.rules = CommandRules(rp.commands)
+        self.rp = rp
+        self.id = sandbox_id
+        self.backend = backend
+        self.audit = audit
+        self.approver = approver
+
+    def admit(self, argv: Sequence[str], cwd: str) -> Result | None:
+        """None when `argv` may run; otherwise the denial as a Result."""
+        decision = self.rules.decide(argv)
+        if decision.action == "ask":
+            decision = self._ask(argv, decision, cwd)
+        if self.audit is not None and not self.rules.empty:
+            from corral.audit import redact_argv
+
+            self.audit.write("decision", sandbox=self.id, backend=self.backend, argv=redact_argv(argv),
+                             cwd=cwd, action=decision.action, rule=decision.rule)  # fmt: skip
+        if decision.action == "allow":
+            return None
+        message = f"corral: denied by policy ({decision.rule}): {' '.join(argv)}"
+        return Result(argv=argv, returncode=None, reason="denied", rule=decision.rule,
+                      detail=f"denied by policy ({decision.rule})", stderr=(message + "\n").encode())  # fmt: skip
+
+    def _ask(self, argv: Sequence[str], decision: Decision, cwd: str) -> Decision:
+        from corral.policy.commands import Decision
+
+        request = AskRequest(argv=argv, rule=decision.rule, sandbox=self.id, cwd=cwd)
+        try:
+            if self.approver is not None:
+                allowed = bool(self.approver(request))
+                how = "approver callback"
+            elif self.rp.commands.approver is not None:
+                allowed = _external_approval(self.rp.commands.approver, request, self.rp.commands.ask_timeout)
+                how = "approver command"
+            else:
+                return Decision(action="deny", rule=f"{decision.rule} (no approver configured)")
+        except Exception as exc:  # an approver that fails means no
+            return Decision(action="deny", rule=f"{decision.rule} (approver failed: {exc})")
+        return Decision(action="allow" if allowed else "deny", rule=f"{decision.rule} ({how} said {'yes' if allowed else 'no'})")
+
+    def record_exec(self, argv: Sequence[str], cwd: str, result: Result) -> None:
+        if self.audit is None:
+            return
+        from corral.audit import redact_argv
+
+        self.audit.write("exec", sandbox=self.id, backend=self.backend, argv=redact_argv(argv), cwd=cwd,
+                         returncode=result.returncode, reason=result.reason, detail=result.detail,
+                         duration=round(result.wall_time, 6), peak_memory=result.peak_memory,
+                         rule=result.rule)  # fmt: skip
+
+
+def _external_approval(command: Sequence[str], request: AskRequest, timeout: float) -> bool:
+    """Run the approver with the request as JSON on stdin; exit status 0 means yes, anything else no."""
+    import json
+    import subprocess
+
+    try:
+        done = subprocess.run(list(command), input=json.dumps(request.as_json()).encode(), capture_output=True,
+                              timeout=timeout, check=False)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
+class Sandbox:
+    """A live sandbox. Commands share its files, its tmpfs and its limits; start it once, exec many times.
+
+    `backend` is "auto" (the strongest that works here) or a name; `min_backend` refuses anything
+    weaker; `allow_weaker` accepts a backend that cannot enforce every part of the policy (the
+    missing parts are in `.weaker`). `approver` answers `ask` rules (else the policy's approver
+    command; with neither, asking means no). `audit` is an `AuditLog` or a path.
+    """
+
+    def __init__(
+        self,
+        policy: Policy | ResolvedPolicy | None = None,
+        *,
+        backend: str = "auto",
+        min_backend: str | None = None,
+        allow_weaker: bool = False,
+        audit: AuditLog | str | None = None,
+        approver: Approver | None = None,
+        sandbox_id: str | None = None,
+    ) -> None:
+        from corral.backends import registry
+
+        self.rp = _resolve(policy)
+        self.id = sandbox_id or new_id()
+        self._backend: Backend
+        self._backend, self.capabilities = registry.choose(backend, min_backend=min_backend)
+        self.weaker = check_supported(self.capabilities, self.rp, allow_weaker=allow_weaker)
+        self.audit, self._own_audit = _open_audit(audit)
+        self._guard = _Guard(self.rp, sandbox_id=self.id, backend=self.backend, audit=self.audit, approver=approver)
+        self._live: LiveSandbox | None = None
+
+    @property
+    def backend(self) -> str:
+        return self._backend.name
+
+    def start(self) -> Sandbox:
+        if self._live is None:
+            started = time.monotonic()
+            self._live = self._backend.start(self.rp, sandbox_id=self.id)
+            if self.audit is not None:
+                self.audit.write("sandbox.start", sandbox=self.id, backend=self.backend,
+                                 duration=round(time.monotonic() - started, 6), weaker=list(self.weaker),
+                                 network=self.rp.network.mode,
+                                 zones=[{"mount": z.mount, "mode": z.mode, "host": z.host} for z in self.rp.zones])  # fmt: skip
+        return self
+
+    def exec(
+        self,
+        argv: Sequence[str],
+        *,
+        stdin: bytes | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        on_output: OutputCallback | None = None,
+    ) -> Result:
+        """Run `argv` (a list, never a shell string) inside. Denials and limits come back as a Result."""
+        if isinstance(argv, str):
+            raise TypeError("argv must be a list of strings; use ['sh', '-c', cmd] for a shell command")
+        argv = [str(a) for a in argv]
+        cwd = cwd or self.rp.cwd
+        denied = self._guard.admit(argv, cwd)
+        if denied is not None:
+            self._guard.record_exec(argv, cwd, denied)
+            return denied
+        live = self.start()._live
+        assert live is not None
+        result = live.exec(argv, stdin=stdin, env=env, cwd=cwd, timeout=timeout, on_output=on_output)
+        self._guard.record_exec(argv, cwd, result)
+        return result
+
+    def put_file(self, path: str, data: bytes, *, mode: int = 0o644) -> None:
+        live = self.start()._live
+        assert live is not None
+        live.put_file(path, data, mode=mode)
+        if self.audit is not None:
+            self.audit.write("file.put", sandbox=self.id, backend=self.backend, path=path, size=len(data))
+
+    def get_file(self, path: str, *, max_bytes: int = 64 << 20) -> bytes:
+        live = self.start()._live
+        assert live is not None
+        data = live.get_file(path, max_bytes=max_bytes)
+        if self.audit is not None:
+            self.audit.write("file.get", sandbox=self.id, backend=self.backend, path=path, size=len(data))
+        return data
+
+    def stop(self) -> None:
+        live, self._live = self._live, None
+        if live is not None:
+            live.stop()
+            if self.audit is not None:
+                self.audit.write("sandbox.stop", sandbox=self.id, backend=self.backend)
+        if self._own_audit and self.audit is not None:
+            self.audit.close()
+
+    def __enter__(self) -> Sandbox:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def run(
+    argv: Sequence[str],
+    *,
+    policy: Policy | ResolvedPolicy | None = None,
+    backend: str = "auto",
+    input: bytes | None = None,  # noqa: A002 - the subprocess.run name
+    timeout: float | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: str | None = None,
+    check: bool = False,
+    min_backend: str | None = None,
+    allow_weaker: bool = False,
+    audit: AuditLog | str | None = None,
+    approver: Approver | None = None,
+    on_output: OutputCallback | None = None,
+) -> Result:
+    """Run one command in a fresh sandbox and return its `Result` (stdout and stderr captured, bounded).
+
+    Shaped like `subprocess.run`: `input`, `timeout`, `env` (added to the policy's clean
+    environment), `cwd` (inside the sandbox), `check` (raise `CommandFailed` unless it exits 0).
+    """
+    from corral.backends import registry
+
+    if isinstance(argv, str):
+        raise TypeError("argv must be a list of strings; use ['sh', '-c', cmd] for a shell command")
+    argv = [str(a) for a in argv]
+    if not argv:
+        raise ValueError("argv is empty")
+    rp = _resolve(policy)
+    if env:
+        rp = rp.replace(env=tuple(sorted({**rp.env_dict, **env}.items())))
+    if cwd:
+        from corral.policy.model import normalize_mount
+
+        rp = rp.replace(cwd=normalize_mount(cwd, where="cwd"))
+    chosen, caps = registry.choose(backend, min_backend=min_backend)
+    check_supported(caps, rp, allow_weaker=allow_weaker)
+    log, own = _open_audit(audit)
+    sandbox_id = new_id()
+    guard = _Guard(rp, sandbox_id=sandbox_id, backend=chosen.name, audit=log, approver=approver)
+    try:
+        result = guard.admit(argv, rp.cwd)
+        if result is None:
+            result = chosen.run(rp, argv, sandbox_id=sandbox_id, stdin=input, timeout=timeout, on_output=on_output)
+        guard.record_exec(argv, rp.cwd, result)
+    finally:
+        if own and log is not None:
+            log.close()
+    if check:
+        result.check()
+    return result
+
+
+def raise_if_denied(result: Result) -> Result:
+    """Turn a policy denial into a `PolicyDenied` exception (for callers that prefer raising)."""
+    if result.reason == "denied":
+        raise PolicyDenied(result.detail, rule=result.rule or "")
+    return result
