@@ -61,7 +61,11 @@ class HostAgentBackend(Backend):
             env["TMPDIR"] = private["/tmp"]
         if rp.home in private:
             env["HOME"] = private[rp.home]
-        rp = rp.replace(env=tuple(sorted(env.items())), cwd=_host_cwd(rp, private))
+        # Sandbox path -> host path, longest prefix first: zones at their own paths, tmpfs zones
+        # at their private directories.
+        path_map = {z.mount: z.host for z in rp.zones if z.host is not None}
+        path_map.update(private)
+        rp = rp.replace(env=tuple(sorted(env.items())), cwd=translate(path_map, rp.cwd))
         host_sock, agent_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         log_fd = os.memfd_create("corral-agent-log", os.MFD_CLOEXEC)
         null_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
@@ -111,7 +115,7 @@ class HostAgentBackend(Backend):
             _remove(private)
 
         return AgentSandbox(backend=self.name, sandbox_id=sandbox_id, rp=rp, client=client, cgroup=cgroup,
-                            teardown=teardown, path_map=private)  # fmt: skip
+                            teardown=teardown, path_map=path_map)  # fmt: skip
 
     def _private_dirs(self, rp: ResolvedPolicy) -> dict[str, str]:
         private: dict[str, str] = {}
@@ -127,12 +131,12 @@ class HostAgentBackend(Backend):
         return private
 
 
-def _host_cwd(rp: ResolvedPolicy, private: dict[str, str]) -> str:
-    for mount, path in private.items():
-        if rp.cwd == mount or rp.cwd.startswith(mount + "/"):
-            return path + rp.cwd[len(mount) :]
-    host = rp.to_host(rp.cwd)
-    return host if host is not None else rp.cwd
+def translate(path_map: dict[str, str], path: str) -> str:
+    """`path` with its longest matching sandbox prefix replaced by the host directory behind it."""
+    for mount in sorted(path_map, key=len, reverse=True):
+        if path == mount or path.startswith(mount.rstrip("/") + "/"):
+            return path_map[mount] + path[len(mount) :]
+    return path
 
 
 def _read_log(fd: int) -> str:

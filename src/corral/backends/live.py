@@ -107,10 +107,9 @@ class AgentSandbox(LiveSandbox):
         return self._translate(posixpath.normpath(posixpath.join(self.rp.cwd, path)))
 
     def _translate(self, path: str) -> str:
-        for mount in sorted(self._path_map, key=len, reverse=True):
-            if path == mount or path.startswith(mount.rstrip("/") + "/"):
-                return self._path_map[mount] + path[len(mount) :]
-        return path
+        from corral.backends.hostagent import translate
+
+        return translate(self._path_map, path)
 
     def stop(self) -> None:
         if self._stopped:

@@ -72,6 +72,7 @@ class CgroupHost:
                 base = _join(unified, own.get("", "/"), "corral")
                 if _ensure_dir(base) and os.path.exists(os.path.join(base, "cgroup.kill")):
                     bases["unified"] = base
+                    bases.pop("freezer", None)  # cgroup.kill does the freezer's job, one attach fewer
             if not any(c in bases for c in ("memory", "pids", "cpu")):
                 return cls("none", {}, "; ".join(problems) or "no usable v1 controller")
             host = cls("v1", bases)

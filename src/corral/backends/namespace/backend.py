@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import time
 
@@ -166,6 +165,8 @@ class NamespaceBackend(Backend):
 
     # ------------------------------------------------------------------ live
     def start(self, rp: ResolvedPolicy, *, sandbox_id: str) -> LiveSandbox:
+        import socket
+
         from corral.agent.client import AgentClient
         from corral.backends.live import AgentSandbox
 
@@ -178,7 +179,7 @@ class NamespaceBackend(Backend):
         agent_rp = rp.replace(env=(*rp.env, ("CORRAL_AGENT_FD", str(agent_fd))))
         try:
             launched = launch(self.bwrap, agent_rp, command, cgroups=self.cgroups, stdio=(null_fd, log_fd, log_fd),
-                              pass_fds=[agent_fd], extras=extras)  # fmt: skip
+                              pass_fds=[agent_fd], extras=extras, want_pids_cgroup=True)  # fmt: skip
         except BaseException:
             host_sock.close()
             os.close(log_fd)

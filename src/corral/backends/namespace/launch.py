@@ -13,7 +13,7 @@ import sys
 import time
 
 from corral.backends.namespace.argv import Extras, LaunchFds, bwrap_argv
-from corral.errors import BackendUnavailable, LaunchError
+from corral.errors import BackendUnavailable, LaunchError, UnsupportedPolicy
 from corral.kernel.seccomp import build_filter
 from corral.kernel.spawn import Child, memfd_with, spawn
 
@@ -116,7 +116,7 @@ def _run_version(path: str) -> tuple[int, ...] | None:
     return _parse_version(words[-1]) if words else None
 
 
-def rlimits_for(rp: ResolvedPolicy, cgroup_controllers: frozenset[str]) -> dict[str, int]:
+def rlimits_for(rp: ResolvedPolicy, cgroup_controllers: frozenset[str], *, own_userns: bool = False) -> dict[str, int]:
     """rlimits to apply: the file limits always, pids and memory only where no cgroup enforces them."""
     limits = rp.limits
     out: dict[str, int] = {"RLIMIT_CORE": 0}
@@ -124,11 +124,22 @@ def rlimits_for(rp: ResolvedPolicy, cgroup_controllers: frozenset[str]) -> dict[
         out["RLIMIT_FSIZE"] = limits.file_size
     if limits.open_files is not None:
         out["RLIMIT_NOFILE"] = limits.open_files
-    if limits.pids is not None and "pids" not in cgroup_controllers:
+    if limits.pids is not None and ("pids" not in cgroup_controllers or (own_userns and nproc_is_per_sandbox())):
         out["RLIMIT_NPROC"] = limits.pids
     if limits.memory is not None and "memory" not in cgroup_controllers:
         out["RLIMIT_DATA"] = limits.memory
     return out
+
+
+def nproc_is_per_sandbox() -> bool:
+    """Whether RLIMIT_NPROC is a per-sandbox pids limit for a sandbox with its own user namespace.
+
+    The kernel counts processes per user per namespace, so in a fresh user namespace the limit
+    counts only that sandbox's processes, and costs nothing to set up (a cgroup's first attach can
+    cost ~10 ms of RCU synchronisation). But it never applies to a process whose host uid is 0,
+    so when corral runs as root the pids limit needs the cgroup.
+    """
+    return os.getuid() != 0
 
 
 def apply_rlimits(pid: int, rlimits: dict[str, int]) -> None:
@@ -199,8 +210,14 @@ def launch(
     stdio: tuple[int, int, int] = (0, 1, 2),
     pass_fds: Sequence[int] = (),
     extras: Extras | None = None,
+    want_pids_cgroup: bool = False,
 ) -> Launched:
-    """Start `command` in a new sandbox. The caller owns the result and must `release()` it."""
+    """Start `command` in a new sandbox. The caller owns the result and must `release()` it.
+
+    The pids limit is an RLIMIT_NPROC in the sandbox's own user namespace where that works (see
+    `nproc_is_per_sandbox`), else a cgroup; `want_pids_cgroup` asks for the cgroup anyway (live
+    sandboxes, where its events tell a fork bomb from other failures).
+    """
     opened: list[int] = []
     cgroup: Cgroup | None = None
     try:
@@ -218,7 +235,10 @@ def launch(
         fds = LaunchFds(seccomp=seccomp_fd, status=status_w, block=block_r, etc=tuple(etc))
         argv = bwrap_argv(bwrap.path, rp, command, fds=fds, extras=extras, tmpfs_size=bwrap.supports_size)
         limits = rp.limits
-        if cgroups.mode != "none" and (limits.memory or limits.pids or limits.cpus):
+        if limits.cpus is not None and "cpu" not in cgroups.controllers:
+            raise UnsupportedPolicy("namespace", ("limits.cpus (no cpu cgroup controller here)",))
+        pids_cgroup = want_pids_cgroup or not nproc_is_per_sandbox()
+        if cgroups.mode != "none" and (limits.memory or limits.cpus or (limits.pids and pids_cgroup)):
             cgroup = cgroups.create(limits)
         passed = [seccomp_fd, status_w, block_r, *(fd for _, fd in etc), *pass_fds]
         try:
@@ -231,7 +251,7 @@ def launch(
         sandbox_pid = _read_child_pid(status_r, monitor)
         if cgroup is not None:
             cgroup.attach(sandbox_pid)
-        rlimits = rlimits_for(rp, cgroups.controllers if cgroup is not None else frozenset())
+        rlimits = rlimits_for(rp, cgroups.controllers if cgroup is not None else frozenset(), own_userns=True)
         apply_rlimits(sandbox_pid, rlimits)
         os.write(block_w, b"1")
         os.close(block_w)

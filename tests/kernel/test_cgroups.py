@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+import pytest
+
+from corral.kernel.cgroups import CgroupHost
+from corral.policy.model import Limits
+
+HOST = CgroupHost.detect()
+pytestmark = pytest.mark.skipif(HOST.mode == "none", reason=f"no usable cgroups: {HOST.reason}")
+
+
+def test_limits_attach_kill_destroy() -> None:
+    cg = HOST.create(Limits(memory=64 << 20, pids=50, cpus=0.5) if HOST.controllers >= {"memory", "pids", "cpu"}
+                     else Limits(pids=50))
+    try:
+        child = subprocess.Popen(["sh", "-c", "sleep 60 & sleep 60 & wait"])
+        cg.attach(child.pid)
+        time.sleep(0.3)  # let it fork inside
+        pids = cg.pids()
+        assert child.pid in pids
+        cg.kill()
+        assert child.wait(timeout=10) != 0
+        deadline = time.time() + 5
+        while cg.pids() and time.time() < deadline:
+            time.sleep(0.05)
+        assert cg.pids() == []
+    finally:
+        cg.destroy()
+    assert not any(os.path.exists(d) for d in cg.dirs.values())
+
+
+def test_stale_cgroups_of_dead_owners_are_reaped() -> None:
+    base = next(iter(HOST.bases.values()))
+    stale = os.path.join(base, "corral-999999999-1-1")
+    os.mkdir(stale)
+    HOST.reap_stale()
+    assert not os.path.exists(stale)
+
+
+def test_oom_and_pids_events() -> None:
+    if not HOST.controllers >= {"memory", "pids"}:
+        pytest.skip("needs memory and pids controllers")
+    cg = HOST.create(Limits(memory=32 << 20, pids=8))
+    try:
+        child = subprocess.Popen(["python3", "-c", "import time; time.sleep(0.3); b = bytearray(200 * 2**20)"])
+        cg.attach(child.pid)
+        assert child.wait(timeout=30) == -9
+        assert cg.oom_kills() >= 1
+        assert cg.oom_kills() == 0  # counted from the previous call
+        child = subprocess.Popen(["sh", "-c", "sleep 0.3; for i in 1 2 3 4 5 6 7 8 9 10; do sleep 1 & done; wait"],
+                                 stderr=subprocess.DEVNULL)
+        cg.attach(child.pid)
+        child.wait(timeout=30)
+        assert cg.pids_hits() >= 1
+    finally:
+        cg.destroy()

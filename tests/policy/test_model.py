@@ -1,0 +1,121 @@
+from __future__ import annotations
+
+import pytest
+
+from corral import ConfigError, Limits, Network, Policy, Zone
+from corral.policy.model import Commands, Env
+from corral.policy.profiles import PROFILES, make_profile
+from corral.units import parse_duration, parse_size
+
+
+@pytest.mark.parametrize(("text", "expected"), [("64M", 64 << 20), ("1.5G", 3 << 29), ("512k", 512 << 10),
+                                                ("4096", 4096), (2048, 2048), ("2GiB", 2 << 30), ("10MB", 10 << 20)])
+def test_sizes(text: object, expected: int) -> None:
+    assert parse_size(text, where="x") == expected
+
+
+@pytest.mark.parametrize("bad", ["-5", "0", "lots", "1.2.3M", "", True, None, [], "5X"])
+def test_bad_sizes_name_the_flag(bad: object) -> None:
+    with pytest.raises(ConfigError, match="--memory"):
+        parse_size(bad, where="--memory")
+
+
+@pytest.mark.parametrize(("text", "expected"), [("2s", 2.0), ("500ms", 0.5), ("1.5m", 90.0), ("1h", 3600.0), (3, 3.0)])
+def test_durations(text: object, expected: float) -> None:
+    assert parse_duration(text, where="x") == expected
+
+
+@pytest.mark.parametrize("bad", ["-1s", "0", "soon", "nan", "inf", False])
+def test_bad_durations(bad: object) -> None:
+    with pytest.raises(ConfigError, match="--timeout"):
+        parse_duration(bad, where="--timeout")
+
+
+def test_negative_limits_are_refused_with_the_field_named() -> None:
+    with pytest.raises(ConfigError, match="limits.pids"):
+        Limits(pids=-1)
+    with pytest.raises(ConfigError, match="limits.cpus"):
+        Limits(cpus=0)
+    with pytest.raises(ConfigError, match="limits.memory"):
+        Limits(memory=1024)
+    with pytest.raises(ConfigError, match="limits.timeout"):
+        Limits(timeout=-3)
+
+
+def test_zone_validation() -> None:
+    with pytest.raises(ConfigError, match="zone.mode"):
+        Zone(host="/x", mount="/x", mode="rwx")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="absolute"):
+        Zone(host="/x", mount="relative", mode="ro")
+    for reserved in ("/", "/proc", "/proc/1", "/dev", "/sys/fs"):
+        with pytest.raises(ConfigError, match="managed by the sandbox"):
+            Zone(host="/x", mount=reserved, mode="ro")
+    with pytest.raises(ConfigError, match="tmpfs zone has no host"):
+        Zone(host="/x", mount="/y", mode="tmpfs")
+    with pytest.raises(ConfigError, match="needs a host"):
+        Zone(mount="/y", mode="rw")
+    assert Zone(host="/x", mount="/a/../b/", mode="ro").mount == "/b"
+
+
+def test_zone_specs() -> None:
+    assert Zone.parse("/src:/work:rw") == Zone(host="/src", mount="/work", mode="rw")
+    assert Zone.parse("/src:rw") == Zone(host="/src", mount="/src", mode="rw")
+    assert Zone.parse("/data") == Zone(host="/data", mount="/data", mode="ro")
+    assert Zone.parse_tmpfs("/cache:100M") == Zone(mount="/cache", mode="tmpfs", size=100 << 20)
+    with pytest.raises(ConfigError, match="--zone"):
+        Zone.parse(":/x")
+
+
+def test_network_specs() -> None:
+    assert Network.parse("none").mode == "none"
+    net = Network.parse("allow:PyPI.org,*.github.com,api.example.com:8443")
+    assert net.allow == ("pypi.org", "*.github.com", "api.example.com:8443")
+    for bad in ("allow:*", "allow:*.com", "allow:a.*.com", "allow:x.com:99999", "allow:", "wifi"):
+        with pytest.raises(ConfigError):
+            Network.parse(bad)
+
+
+def test_env_is_clean_and_named() -> None:
+    host = {"PATH": "/root/bin:/usr/bin", "AWS_SECRET_ACCESS_KEY": "x", "TERM": "xterm", "CI": "1"}
+    env = Env(passthrough=["CI"], values={"FOO": "bar"}).build(host, home="/home/sandbox")
+    assert env["PATH"].startswith("/usr/local/sbin") and "/root/bin" not in env["PATH"]
+    assert "AWS_SECRET_ACCESS_KEY" not in env
+    assert env["TERM"] == "xterm" and env["CI"] == "1" and env["FOO"] == "bar" and env["HOME"] == "/home/sandbox"
+    with pytest.raises(ConfigError, match="env.set"):
+        Env(values={"1BAD": "x"})
+
+
+def test_records_are_immutable_values() -> None:
+    a = Limits(memory=64 << 20)
+    assert a == Limits(memory=64 << 20) and hash(a) == hash(Limits(memory=64 << 20))
+    with pytest.raises(AttributeError):
+        a.memory = 1  # type: ignore[misc]
+    assert a.replace(pids=5).pids == 5 and a.pids is None
+    assert Limits(pids=1).merged(Limits(memory=8 << 20)) == Limits(pids=1, memory=8 << 20)
+
+
+def test_later_zone_at_same_mount_wins(tmp_path: object) -> None:
+    p = Policy(zones=[Zone(host="/a", mount="/w", mode="ro"), Zone(host="/b", mount="/w", mode="rw")])
+    assert p.zones == (Zone(host="/b", mount="/w", mode="rw"),)
+
+
+@pytest.mark.parametrize("name", PROFILES)
+def test_profiles(name: str) -> None:
+    p = make_profile(name, workspace="/srv/project")
+    assert p.profile == name
+    assert any(z.mount == "/tmp" and z.mode == "tmpfs" for z in p.zones)
+    work = next(z for z in p.zones if z.mount == "/srv/project")
+    assert work.mode == ("ro" if name == "strict" else "rw")
+    assert p.network.mode == {"fs_safe": "host", "dev": "host", "net_safe": "allow"}.get(name, "none")
+
+
+def test_unknown_profile() -> None:
+    with pytest.raises(ConfigError, match="unknown profile"):
+        Policy.from_profile("lax")
+
+
+def test_commands_validation() -> None:
+    with pytest.raises(ConfigError, match="commands.deny"):
+        Commands(deny="rm -rf /")  # a string, not a list
+    with pytest.raises(ConfigError, match="commands.approver"):
+        Commands(approver=[])

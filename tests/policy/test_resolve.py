@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from corral import ConfigError, Policy, Zone
+from corral.policy.resolve import resolve
+
+
+def test_missing_host_path_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        resolve(Policy(zones=[Zone(host=str(tmp_path / "nope"), mount="/x", mode="ro")]))
+
+
+def test_host_root_cannot_be_writable() -> None:
+    with pytest.raises(ConfigError, match="host's root"):
+        resolve(Policy(zones=[Zone(host="/", mount="/host", mode="rw")]))
+
+
+def test_cwd_follows_the_host_directory_into_its_zone(tmp_path: Path) -> None:
+    sub = tmp_path / "src"
+    sub.mkdir()
+    rp = resolve(Policy(zones=[Zone(host=str(tmp_path), mount="/work", mode="rw")]), host_cwd=str(sub))
+    assert rp.cwd == "/work/src"
+    assert rp.to_host("/work/src/a.py") == str(tmp_path.resolve() / "src/a.py")
+    assert rp.to_host("/usr/bin/env") == "/usr/bin/env"
+    assert rp.to_host("/tmp/x") is None
+
+
+def test_symlinked_zone_is_bound_by_its_real_path(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    rp = resolve(Policy(zones=[Zone(host=str(tmp_path / "link"), mount="/w", mode="ro")]))
+    assert next(z for z in rp.zones if z.mount == "/w").host == str(real.resolve())
+
+
+def test_minimal_etc_has_no_secrets() -> None:
+    rp = resolve(Policy.workspace("/"))
+    names = {name for name, _ in rp.etc_files} | {m.dest for m in rp.system}
+    assert "passwd" in names and "/etc/shadow" not in names and "shadow" not in names
+    passwd = dict(rp.etc_files)["passwd"].decode()
+    assert "sandbox:x:1000:1000" in passwd and passwd.count("\n") == 3
+
+
+def test_environment_is_clean(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GITHUB_TOKEN", "ghp_secret")
+    rp = resolve(Policy.workspace("/"))
+    assert "GITHUB_TOKEN" not in rp.env_dict and "ghp_secret" not in str(rp.env)
