@@ -42,23 +42,38 @@ def policy(workdir: Path) -> corral.Policy:
     return corral.Policy.workspace(str(workdir))
 
 
-def corral_cli(*args: str, cwd: Path | str | None = None, input: bytes | None = None, env: dict[str, str] | None = None,
-               timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
+def corral_cli(
+    *args: str,
+    cwd: Path | str | None = None,
+    input: bytes | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 120,
+) -> subprocess.CompletedProcess[bytes]:
     """Run the real `corral` command line (the installed entry point's module)."""
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "corral", *args], cwd=cwd, input=input, capture_output=True,
-                          env=full_env, timeout=timeout, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "corral", *args],
+        cwd=cwd,
+        input=input,
+        capture_output=True,
+        env=full_env,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def is_root() -> bool:
     return os.geteuid() == 0
 
 
-def cgroups_writable() -> bool:
+def cgroup_controllers() -> frozenset[str]:
     from corral.kernel.cgroups import CgroupHost
 
-    return CgroupHost.detect().mode != "none"
+    return CgroupHost.detect().controllers
 
 
-needs_cgroups = pytest.mark.skipif(not cgroups_writable(), reason="no writable cgroup hierarchy for this user")
+needs_memory_cgroup = pytest.mark.skipif(
+    "memory" not in cgroup_controllers(),
+    reason="no writable memory cgroup for this user (the memory limit falls back to RLIMIT_DATA)",
+)
 needs_python3 = pytest.mark.skipif(shutil.which("python3", path="/usr/bin:/bin") is None, reason="no /usr/bin/python3")

@@ -37,7 +37,11 @@ _EXPORTS = {
     "SandboxLost": "corral.errors",
 }
 
-__all__ = sorted([*_EXPORTS, "__version__"])
+__all__ = [
+    "AskRequest", "AuditLog", "BackendError", "BackendUnavailable", "Capabilities", "CommandFailed", "Commands",
+    "ConfigError", "CorralError", "Env", "LaunchError", "Limits", "Network", "Policy", "PolicyDenied", "Result",
+    "Sandbox", "SandboxLost", "UnsupportedPolicy", "Zone", "__version__", "load_policy", "run",
+]  # fmt: skip
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

@@ -23,8 +23,9 @@ def host_facts() -> dict[str, object]:
         "cgroups": CgroupHost.detect().describe,
         "in_container": os.path.exists("/.dockerenv") or os.path.exists("/run/.containerenv"),
     }
-    for name, path in (("max_user_namespaces", "/proc/sys/user/max_user_namespaces"),
-                       ("apparmor_restrict_unprivileged_userns", "/proc/sys/kernel/apparmor_restrict_unprivileged_userns")):  # fmt: skip
+    for name in ("user/max_user_namespaces", "kernel/apparmor_restrict_unprivileged_userns"):
+        path = f"/proc/sys/{name}"
+        name = name.split("/", 1)[1]
         try:
             with open(path) as f:
                 facts[name] = f.read().strip()

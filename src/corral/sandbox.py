@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
 
     from corral.audit import AuditLog
-    from corral.backends.base import Backend, Capabilities, LiveSandbox, OutputCallback
+    from corral.backends.base import Backend, LiveSandbox, OutputCallback
     from corral.policy.commands import Decision
     from corral.policy.model import Policy
     from corral.policy.resolve import ResolvedPolicy
@@ -111,7 +111,9 @@ class _Guard:
                 return Decision(action="deny", rule=f"{decision.rule} (no approver configured)")
         except Exception as exc:  # an approver that fails means no
             return Decision(action="deny", rule=f"{decision.rule} (approver failed: {exc})")
-        return Decision(action="allow" if allowed else "deny", rule=f"{decision.rule} ({how} said {'yes' if allowed else 'no'})")
+        return Decision(
+            action="allow" if allowed else "deny", rule=f"{decision.rule} ({how} said {'yes' if allowed else 'no'})"
+        )
 
     def record_exec(self, argv: Sequence[str], cwd: str, result: Result) -> None:
         if self.audit is None:
@@ -177,10 +179,16 @@ class Sandbox:
             started = time.monotonic()
             self._live = self._backend.start(self.rp, sandbox_id=self.id)
             if self.audit is not None:
-                self.audit.write("sandbox.start", sandbox=self.id, backend=self.backend,
-                                 duration=round(time.monotonic() - started, 6), weaker=list(self.weaker),
-                                 network=self.rp.network.mode,
-                                 zones=[{"mount": z.mount, "mode": z.mode, "host": z.host} for z in self.rp.zones])  # fmt: skip
+                zones = [{"mount": z.mount, "mode": z.mode, "host": z.host} for z in self.rp.zones]
+                self.audit.write(
+                    "sandbox.start",
+                    sandbox=self.id,
+                    backend=self.backend,
+                    duration=round(time.monotonic() - started, 6),
+                    weaker=list(self.weaker),
+                    network=self.rp.network.mode,
+                    zones=zones,
+                )
         return self
 
     def exec(
@@ -244,7 +252,7 @@ def run(
     *,
     policy: Policy | ResolvedPolicy | None = None,
     backend: str = "auto",
-    input: bytes | None = None,  # noqa: A002 - the subprocess.run name
+    input: bytes | None = None,
     timeout: float | None = None,
     env: Mapping[str, str] | None = None,
     cwd: str | None = None,

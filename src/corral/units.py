@@ -52,9 +52,7 @@ def parse_duration(value: object, *, where: str) -> float:
             raise ConfigError(f"expected a duration such as 30s, 500ms or 2m, got {value!r}", where=where)
         seconds = float(digits) * _TIME_UNITS[unit]
     else:
-        raise ConfigError(
-            f"expected a duration such as 30s, got {type(value).__name__} {value!r}", where=where
-        )
+        raise ConfigError(f"expected a duration such as 30s, got {type(value).__name__} {value!r}", where=where)
     if not seconds > 0 or seconds != seconds or seconds == float("inf"):
         raise ConfigError(f"must be a positive duration, got {value!r}", where=where)
     return seconds

@@ -14,8 +14,9 @@ pytestmark = pytest.mark.skipif(HOST.mode == "none", reason=f"no usable cgroups:
 
 
 def test_limits_attach_kill_destroy() -> None:
-    cg = HOST.create(Limits(memory=64 << 20, pids=50, cpus=0.5) if HOST.controllers >= {"memory", "pids", "cpu"}
-                     else Limits(pids=50))
+    cg = HOST.create(
+        Limits(memory=64 << 20, pids=50, cpus=0.5) if HOST.controllers >= {"memory", "pids", "cpu"} else Limits(pids=50)
+    )
     try:
         child = subprocess.Popen(["sh", "-c", "sleep 60 & sleep 60 & wait"])
         cg.attach(child.pid)
@@ -51,8 +52,9 @@ def test_oom_and_pids_events() -> None:
         assert child.wait(timeout=30) == -9
         assert cg.oom_kills() >= 1
         assert cg.oom_kills() == 0  # counted from the previous call
-        child = subprocess.Popen(["sh", "-c", "sleep 0.3; for i in 1 2 3 4 5 6 7 8 9 10; do sleep 1 & done; wait"],
-                                 stderr=subprocess.DEVNULL)
+        child = subprocess.Popen(
+            ["sh", "-c", "sleep 0.3; for i in 1 2 3 4 5 6 7 8 9 10; do sleep 1 & done; wait"], stderr=subprocess.DEVNULL
+        )
         cg.attach(child.pid)
         child.wait(timeout=30)
         assert cg.pids_hits() >= 1

@@ -15,7 +15,9 @@ def write(path: Path, text: str) -> Path:
 
 def test_full_config(tmp_path: Path) -> None:
     (tmp_path / "data").mkdir()
-    cfg = write(tmp_path / "corral.toml", """
+    cfg = write(
+        tmp_path / "corral.toml",
+        """
 profile = "workspace"
 backend = "namespace"
 audit = "logs/audit.jsonl"
@@ -43,7 +45,8 @@ output = "1M"
 [env]
 pass = ["CI"]
 set = { FOO = "bar" }
-""")
+""",
+    )
     config = load_config(str(cfg))
     p = config.policy
     assert config.backend == "namespace"
@@ -57,21 +60,24 @@ set = { FOO = "bar" }
     assert p.env.passthrough == ("CI",) and dict(p.env.values) == {"FOO": "bar"}
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ("memroy = 1", "unknown key 'memroy'"),
-    ("[limits]\nmemroy = '1G'", "unknown key 'memroy'"),
-    ("[limits]\nmemory = 'lots'", "limits.memory: expected a size"),
-    ("[limits]\npids = -4", "limits.pids: must be positive"),
-    ("[limits]\ntimeout = 'soon'", "limits.timeout"),
-    ("[[zones]]\nhost = '.'\nmode = 'rwx'", "zone.mode"),
-    ("zones = 'x'", "expected a list of zone tables"),
-    ("[network]\nmode = 'wifi'", "network.mode"),
-    ("[network]\nmode = 'allow'\nallow = ['*']", "not a domain pattern"),
-    ("[commands]\ndeny = 'git push'", "commands.deny"),
-    ("profile = 'lax'", "unknown profile"),
-    ("[env]\nset = { '1X' = 'y' }", "env.set"),
-    ("this is not toml", "not valid TOML"),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("memroy = 1", "unknown key 'memroy'"),
+        ("[limits]\nmemroy = '1G'", "unknown key 'memroy'"),
+        ("[limits]\nmemory = 'lots'", "limits.memory: expected a size"),
+        ("[limits]\npids = -4", "limits.pids: must be positive"),
+        ("[limits]\ntimeout = 'soon'", "limits.timeout"),
+        ("[[zones]]\nhost = '.'\nmode = 'rwx'", "zone.mode"),
+        ("zones = 'x'", "expected a list of zone tables"),
+        ("[network]\nmode = 'wifi'", "network.mode"),
+        ("[network]\nmode = 'allow'\nallow = ['*']", "not a domain pattern"),
+        ("[commands]\ndeny = 'git push'", "commands.deny"),
+        ("profile = 'lax'", "unknown profile"),
+        ("[env]\nset = { '1X' = 'y' }", "env.set"),
+        ("this is not toml", "not valid TOML"),
+    ],
+)
 def test_bad_config_names_the_key(tmp_path: Path, text: str, message: str) -> None:
     cfg = write(tmp_path / "corral.toml", text)
     with pytest.raises(ConfigError) as info:

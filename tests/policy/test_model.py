@@ -8,8 +8,18 @@ from corral.policy.profiles import PROFILES, make_profile
 from corral.units import parse_duration, parse_size
 
 
-@pytest.mark.parametrize(("text", "expected"), [("64M", 64 << 20), ("1.5G", 3 << 29), ("512k", 512 << 10),
-                                                ("4096", 4096), (2048, 2048), ("2GiB", 2 << 30), ("10MB", 10 << 20)])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("64M", 64 << 20),
+        ("1.5G", 3 << 29),
+        ("512k", 512 << 10),
+        ("4096", 4096),
+        (2048, 2048),
+        ("2GiB", 2 << 30),
+        ("10MB", 10 << 20),
+    ],
+)
 def test_sizes(text: object, expected: int) -> None:
     assert parse_size(text, where="x") == expected
 

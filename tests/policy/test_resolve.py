@@ -36,15 +36,20 @@ def test_symlinked_zone_is_bound_by_its_real_path(tmp_path: Path) -> None:
     assert next(z for z in rp.zones if z.mount == "/w").host == str(real.resolve())
 
 
-def test_minimal_etc_has_no_secrets() -> None:
-    rp = resolve(Policy.workspace("/"))
+def test_minimal_etc_has_no_secrets(tmp_path: Path) -> None:
+    rp = resolve(Policy.workspace(str(tmp_path)))
     names = {name for name, _ in rp.etc_files} | {m.dest for m in rp.system}
     assert "passwd" in names and "/etc/shadow" not in names and "shadow" not in names
     passwd = dict(rp.etc_files)["passwd"].decode()
     assert "sandbox:x:1000:1000" in passwd and passwd.count("\n") == 3
 
 
-def test_environment_is_clean(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_environment_is_clean(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("GITHUB_TOKEN", "ghp_secret")
-    rp = resolve(Policy.workspace("/"))
+    rp = resolve(Policy.workspace(str(tmp_path)))
     assert "GITHUB_TOKEN" not in rp.env_dict and "ghp_secret" not in str(rp.env)
+
+
+def test_the_workspace_cannot_be_the_root() -> None:
+    with pytest.raises(ConfigError, match="managed by the sandbox"):
+        Policy.workspace("/")

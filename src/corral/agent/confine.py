@@ -67,12 +67,18 @@ def landlock_abi() -> int:
     """The kernel's Landlock ABI version, 0 when Landlock is absent or disabled."""
     libc = _libc()
     libc.syscall.restype = ctypes.c_long
-    result = libc.syscall(SYS_LANDLOCK["create"], None, ctypes.c_size_t(0), ctypes.c_uint32(LANDLOCK_CREATE_RULESET_VERSION))
+    result = libc.syscall(
+        SYS_LANDLOCK["create"], None, ctypes.c_size_t(0), ctypes.c_uint32(LANDLOCK_CREATE_RULESET_VERSION)
+    )
     return int(result) if result > 0 else 0
 
 
 class _RulesetAttr(ctypes.Structure):
-    _fields_ = [("handled_access_fs", ctypes.c_uint64), ("handled_access_net", ctypes.c_uint64), ("scoped", ctypes.c_uint64)]
+    _fields_ = [
+        ("handled_access_fs", ctypes.c_uint64),
+        ("handled_access_net", ctypes.c_uint64),
+        ("scoped", ctypes.c_uint64),
+    ]
 
 
 class _PathBeneath(ctypes.Structure):
@@ -95,7 +101,14 @@ def handled_fs(abi: int) -> int:
     return rights
 
 
-def apply_landlock(read_only: list, read_write: list, *, connect_ports: list = None, restrict_net: bool = False, scope: bool = False) -> int:  # type: ignore[type-arg,assignment]
+def apply_landlock(  # type: ignore[no-untyped-def]
+    read_only: list,  # type: ignore[type-arg]
+    read_write: list,  # type: ignore[type-arg]
+    *,
+    connect_ports=None,
+    restrict_net: bool = False,
+    scope: bool = False,
+) -> int:
     """Allow only `read_only` (read + execute) and `read_write` (everything) paths; return the ABI used.
 
     With `restrict_net` (ABI >= 4) TCP bind is refused and connect is allowed only to
@@ -116,7 +129,10 @@ def apply_landlock(read_only: list, read_write: list, *, connect_ports: list = N
     if scope and abi >= 6:
         attr.scoped = SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL
         size = 24
-    ruleset = _check(libc.syscall(SYS_LANDLOCK["create"], ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0)), "landlock_create_ruleset")
+    ruleset = _check(
+        libc.syscall(SYS_LANDLOCK["create"], ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0)),
+        "landlock_create_ruleset",
+    )
     try:
         # Device nodes may never be made, not even in a writable zone (root could mknod a disk).
         writable = fs & ~(FS_MAKE_CHAR | FS_MAKE_BLOCK)
@@ -130,15 +146,35 @@ def apply_landlock(read_only: list, read_write: list, *, connect_ports: list = N
                     is_dir = os.path.isdir("/proc/self/fd/%d" % fd)
                     allowed = (rights if is_dir else rights & FILE_RIGHTS) & fs
                     rule = _PathBeneath(allowed, fd)
-                    _check(libc.syscall(SYS_LANDLOCK["add"], ctypes.c_int(ruleset), ctypes.c_int(LANDLOCK_RULE_PATH_BENEATH), ctypes.byref(rule), ctypes.c_uint32(0)), "landlock_add_rule " + path)
+                    _check(
+                        libc.syscall(
+                            SYS_LANDLOCK["add"],
+                            ctypes.c_int(ruleset),
+                            ctypes.c_int(LANDLOCK_RULE_PATH_BENEATH),
+                            ctypes.byref(rule),
+                            ctypes.c_uint32(0),
+                        ),
+                        "landlock_add_rule " + path,
+                    )
                 finally:
                     os.close(fd)
         if restrict_net and abi >= 4:
             for port in connect_ports or ():
                 rule_net = _NetPort(NET_CONNECT_TCP, int(port))
-                _check(libc.syscall(SYS_LANDLOCK["add"], ctypes.c_int(ruleset), ctypes.c_int(LANDLOCK_RULE_NET_PORT), ctypes.byref(rule_net), ctypes.c_uint32(0)), "landlock_add_rule port")
+                _check(
+                    libc.syscall(
+                        SYS_LANDLOCK["add"],
+                        ctypes.c_int(ruleset),
+                        ctypes.c_int(LANDLOCK_RULE_NET_PORT),
+                        ctypes.byref(rule_net),
+                        ctypes.c_uint32(0),
+                    ),
+                    "landlock_add_rule port",
+                )
         set_no_new_privs()
-        _check(libc.syscall(SYS_LANDLOCK["restrict"], ctypes.c_int(ruleset), ctypes.c_uint32(0)), "landlock_restrict_self")
+        _check(
+            libc.syscall(SYS_LANDLOCK["restrict"], ctypes.c_int(ruleset), ctypes.c_uint32(0)), "landlock_restrict_self"
+        )
     finally:
         os.close(ruleset)
     return abi
@@ -191,7 +227,10 @@ def drop_capabilities() -> None:
     """
     libc = _libc()
     libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
-    for cap in range(64):
+    # Emptying the bounding set needs CAP_SETPCAP. Without it we are not root and hold no
+    # capabilities, and no_new_privs already stops setuid and file-capability binaries.
+    can_drop_bounding = os.geteuid() == 0
+    for cap in range(64 if can_drop_bounding else 0):
         if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0:
             err = ctypes.get_errno()
             if err == 22:  # EINVAL: past the last capability this kernel knows
@@ -212,7 +251,7 @@ def set_rlimits(limits: dict) -> None:  # type: ignore[type-arg]
 
     for name, value in limits.items():
         which = getattr(resource, name)
-        soft, hard = resource.getrlimit(which)
+        _soft, hard = resource.getrlimit(which)
         value = int(value)
         new_hard = value if hard == resource.RLIM_INFINITY else min(hard, value)
         resource.setrlimit(which, (min(value, new_hard), new_hard))

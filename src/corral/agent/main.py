@@ -24,8 +24,8 @@ import time
 if __package__:
     from corral.agent import confine, protocol
 else:  # run as a script inside the sandbox: its siblings are on sys.path
-    import confine  # type: ignore[no-redef]
-    import protocol  # type: ignore[no-redef]
+    import confine  # type: ignore[import-not-found,no-redef]
+    import protocol  # type: ignore[import-not-found,no-redef]
 
 _DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP)
 
@@ -130,7 +130,9 @@ class Agent:
             (os.POSIX_SPAWN_DUP2, stderr_fd, 2),
         ]
         try:
-            pid = os.posix_spawn(path, argv, env, file_actions=actions, setsid=True, setsigdef=_DEFAULT_SIGNALS, setsigmask=())
+            pid = os.posix_spawn(
+                path, argv, env, file_actions=actions, setsid=True, setsigdef=_DEFAULT_SIGNALS, setsigmask=()
+            )
         except OSError as exc:
             self._fail(status_fd, exc.errno or errno.EIO, argv[0])
             return

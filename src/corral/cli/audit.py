@@ -27,7 +27,12 @@ def audit_command(args: list[str]) -> int:
             continue
         if opts.sandbox and event.get("sandbox") != opts.sandbox:
             continue
-        if opts.denied and event.get("action") != "deny" and event.get("reason") != "denied" and event.get("decision") != "deny":
+        if (
+            opts.denied
+            and event.get("action") != "deny"
+            and event.get("reason") != "denied"
+            and event.get("decision") != "deny"
+        ):
             continue
         shown += 1
         if opts.json:
@@ -36,6 +41,10 @@ def audit_command(args: list[str]) -> int:
         what = event.get("argv") or event.get("path") or event.get("host") or ""
         if isinstance(what, list):
             what = " ".join(str(w) for w in what)
-        extra = " ".join(f"{k}={event[k]}" for k in ("action", "rule", "returncode", "reason", "detail") if event.get(k) not in (None, ""))
+        extra = " ".join(
+            f"{k}={event[k]}"
+            for k in ("action", "rule", "returncode", "reason", "detail")
+            if event.get(k) not in (None, "")
+        )
         print(f"{event.get('time')} {event.get('sandbox', '-')} {event.get('event')}: {what} {extra}".rstrip())
     return 0

@@ -10,7 +10,6 @@ Exit codes: the command's own (a signal N as 128+N); 124 timeout; 122 denied by 
 
 from __future__ import annotations
 
-import os
 import sys
 
 from corral.errors import EXIT_CORRAL_FAILURE, EXIT_USAGE, ConfigError, CorralError
@@ -161,9 +160,7 @@ def build_policy(opts: dict[str, object]) -> tuple[object, str | None, str | Non
     from corral.policy.model import Commands, Env, Limits, Network, Zone
     from corral.units import parse_duration, parse_size
 
-    config = load_config(
-        _opt(opts, "--config"), profile=_opt(opts, "--profile"), search=not opts.get("--no-config")
-    )
+    config = load_config(_opt(opts, "--config"), profile=_opt(opts, "--profile"), search=not opts.get("--no-config"))
     policy = config.policy
     zones = [Zone.parse(spec) for spec in _list(opts, "--zone")]
     zones += [Zone.parse_tmpfs(spec) for spec in _list(opts, "--tmpfs")]

@@ -110,9 +110,7 @@ class CgroupHost:
             except OSError:
                 pass
         host = cls("v2", {"v2": base})
-        host._v2_controllers = frozenset(
-            set(_read(os.path.join(base, "cgroup.subtree_control")).split()) & wanted
-        )
+        host._v2_controllers = frozenset(set(_read(os.path.join(base, "cgroup.subtree_control")).split()) & wanted)
         host.reap_stale()
         return host
 

@@ -91,14 +91,17 @@ def pump(
                 if name not in counted:
                     out.data[name] += chunk
                     continue
+                before = out.total
                 out.total += len(chunk)
+                # Past the output limit nothing is kept or passed on: the limit is what the caller sees.
+                visible = chunk if output_limit is None else chunk[: max(0, output_limit - before)]
                 room = capture - len(out.data[name])
                 if room > 0:
-                    out.data[name] += chunk[:room]
-                if len(chunk) > room:
+                    out.data[name] += visible[:room]
+                if len(chunk) > min(room, len(visible)) or len(visible) < len(chunk):
                     out.truncated[name] = True
-                if on_output is not None:
-                    on_output(name, chunk)
+                if on_output is not None and visible:
+                    on_output(name, visible)
                 if output_limit is not None and out.total > output_limit and not out.output_exceeded:
                     out.output_exceeded = True
                     stop()

@@ -171,11 +171,21 @@ def native_arch() -> str:
     return machine
 
 
+_BUILT: dict[tuple[tuple[int, ...], str], bytes] = {}
+
+
 def build_filter(*, families: Iterable[int] = FAMILIES_NETNS, arch: str | None = None) -> bytes:
     """The filter as a `struct sock_filter[]` byte string, for `bwrap --seccomp FD` or PR_SET_SECCOMP."""
     arch = arch or native_arch()
+    key = (tuple(sorted(set(families))), arch)
+    if key not in _BUILT:
+        _BUILT[key] = _assemble_filter(key[0], arch)
+    return _BUILT[key]
+
+
+def _assemble_filter(families: tuple[int, ...], arch: str) -> bytes:
     index = 0 if arch == "x86_64" else 1
-    allowed = tuple(sorted(set(families)))
+    allowed = families
 
     def nr(name: str) -> int | None:
         return SYSCALLS[name][index]

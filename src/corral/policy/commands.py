@@ -65,10 +65,9 @@ class _Pattern:
         ]
 
     def matches(self, argv: Sequence[str]) -> bool:
-        if len(argv) < len(self.matchers):
-            # A trailing lone "*" also matches nothing (`rm *` matches `rm`).
-            if not (len(argv) == len(self.matchers) - 1 and self.words[-1] == "*"):
-                return False
+        # A trailing lone "*" also matches nothing (`rm *` matches `rm`).
+        if len(argv) < len(self.matchers) and not (len(argv) == len(self.matchers) - 1 and self.words[-1] == "*"):
+            return False
         for i, matcher in enumerate(self.matchers):
             if i >= len(argv):
                 return True
@@ -158,9 +157,9 @@ def _unwrap(argv: list[str]) -> list[str]:
         rest = argv[1:]
         while rest and (rest[0].startswith("-") or ("=" in rest[0] and name == "env")):
             flag = rest.pop(0)
-            if flag in ("-n", "-u", "-s", "-k", "-i", "-o", "-e", "-C", "-g", "-p") and name in ("nice", "env", "timeout", "stdbuf", "sudo") and rest:
-                if flag != "-i":
-                    rest.pop(0)
+            takes_value = flag in ("-n", "-u", "-s", "-k", "-o", "-e", "-C", "-g", "-p")
+            if takes_value and name in ("nice", "env", "timeout", "stdbuf", "sudo") and rest:
+                rest.pop(0)
         if name == "timeout" and rest:
             rest = rest[1:]  # the duration
         argv = rest

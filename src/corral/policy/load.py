@@ -198,7 +198,10 @@ def _zone(raw: object, base_dir: str, where: str) -> Zone:
                 raise ConfigError(f"expected a host path, got {host!r}", where="host")
             host = os.path.normpath(os.path.join(base_dir, os.path.expanduser(host)))
         mount = raw.get("mount", host)
-        return Zone(host=host, mount=mount, mode=mode, size=parse_size(size, where="size") if size is not None else None)  # type: ignore[arg-type]
+        if not isinstance(mount, str):
+            raise ConfigError(f"expected a path inside the sandbox, got {mount!r}", where="mount")
+        parsed = parse_size(size, where="size") if size is not None else None
+        return Zone(host=host, mount=mount, mode=mode, size=parsed)
     except ConfigError as exc:
         raise ConfigError(str(exc), where=where) from None
 
@@ -249,6 +252,6 @@ def _env(raw: object, where: str) -> Env:
     if not isinstance(values, dict):
         raise ConfigError(f"expected a table of NAME = value, got {values!r}", where=f"{where}.set")
     try:
-        return Env(passthrough=raw.get("pass", ()), values=values)  # type: ignore[arg-type]
+        return Env(passthrough=raw.get("pass", ()), values=values)
     except ConfigError as exc:
         raise ConfigError(str(exc), where=where) from None

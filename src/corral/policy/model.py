@@ -33,13 +33,15 @@ def _tuple_of_str(value: object, *, where: str) -> tuple[str, ...]:
     if isinstance(value, str):
         raise ConfigError(f"expected a list of strings, got the string {value!r}", where=where)
     try:
-        items = tuple(value)  # type: ignore[call-overload]
+        items: tuple[object, ...] = tuple(value)  # type: ignore[arg-type]
     except TypeError:
         raise ConfigError(f"expected a list of strings, got {type(value).__name__}", where=where) from None
+    out: list[str] = []
     for i, item in enumerate(items):
         if not isinstance(item, str) or not item:
             raise ConfigError(f"expected a non-empty string, got {item!r}", where=f"{where}[{i}]")
-    return items
+        out.append(item)
+    return tuple(out)
 
 
 def _optional_positive_int(value: object, *, where: str) -> int | None:
@@ -73,9 +75,7 @@ class Zone(Record):
     host: str | None
     size: int | None
 
-    def __init__(
-        self, *, mount: str, mode: ZoneMode = "ro", host: str | None = None, size: int | None = None
-    ) -> None:
+    def __init__(self, *, mount: str, mode: ZoneMode = "ro", host: str | None = None, size: int | None = None) -> None:
         if mode not in ZONE_MODES:
             raise ConfigError(f"expected one of {', '.join(ZONE_MODES)}, got {mode!r}", where="zone.mode")
         mount = normalize_mount(mount, where="zone.mount")
@@ -172,9 +172,7 @@ class Network(Record):
             raise ConfigError(
                 f"expected a proxy URL such as http://proxy:3128, got {upstream!r}", where="network.upstream"
             )
-        self._set(
-            mode=mode, allow=allow_t, allow_cidrs=allow_cidrs_t, deny_cidrs=deny_cidrs_t, upstream=upstream
-        )
+        self._set(mode=mode, allow=allow_t, allow_cidrs=allow_cidrs_t, deny_cidrs=deny_cidrs_t, upstream=upstream)
 
     @classmethod
     def parse(cls, spec: str) -> Network:
@@ -230,7 +228,9 @@ class Commands(Record):
         if approver_t == ():
             raise ConfigError("the approver command is empty", where="commands.approver")
         if isinstance(ask_timeout, bool) or not isinstance(ask_timeout, int | float) or ask_timeout <= 0:
-            raise ConfigError(f"must be a positive number of seconds, got {ask_timeout!r}", where="commands.ask_timeout")
+            raise ConfigError(
+                f"must be a positive number of seconds, got {ask_timeout!r}", where="commands.ask_timeout"
+            )
         self._set(
             allow=_tuple_of_str(allow, where="commands.allow"),
             deny=_tuple_of_str(deny, where="commands.deny"),
@@ -367,8 +367,11 @@ class Policy(Record):
             cwd = normalize_mount(cwd, where="cwd")
         if isinstance(uid, bool) or not isinstance(uid, int) or not 0 <= uid < 65534:
             raise ConfigError(f"expected a uid between 0 and 65533, got {uid!r}", where="uid")
-        if not isinstance(hostname, str) or not hostname or len(hostname) > 63 or not all(
-            c.isalnum() or c == "-" for c in hostname
+        if (
+            not isinstance(hostname, str)
+            or not hostname
+            or len(hostname) > 63
+            or not all(c.isalnum() or c == "-" for c in hostname)
         ):
             raise ConfigError(f"not a valid host name: {hostname!r}", where="hostname")
         self._set(

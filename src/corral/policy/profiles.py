@@ -25,9 +25,7 @@ def make_profile(name: str, *, workspace: str = ".") -> Policy:
     work = Zone.ro(workspace) if name == "strict" else Zone.rw(workspace)
     zones = (work, Zone.tmpfs("/tmp", size=tmp_size))
     if name == "strict":
-        limits = Limits(
-            memory=512 << 20, pids=256, timeout=300.0, output=1 << 20, file_size=64 << 20, open_files=256
-        )
+        limits = Limits(memory=512 << 20, pids=256, timeout=300.0, output=1 << 20, file_size=64 << 20, open_files=256)
     elif name == "dev":
         limits = Limits(pids=8192)
     else:

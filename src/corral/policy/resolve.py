@@ -22,12 +22,14 @@ if TYPE_CHECKING:
 SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 # Public, secret-free parts of /etc shown read-only when the host has them. Never shadow, sudoers,
 # ssh keys, machine-id or anything naming the host's users: those are synthesized or absent.
+# Regular files are copied into the sandbox's own /etc (cheap); only directories are bind-mounted
+# (each mount costs bubblewrap ~0.2 ms), so the list of directories is kept short.
 ETC_PUBLIC = (
-    "alternatives", "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "ssl", "ca-certificates", "pki",
-    "crypto-policies", "localtime", "timezone", "os-release", "lsb-release", "debian_version",
-    "protocols", "services", "mime.types", "bash.bashrc", "profile", "inputrc", "host.conf",
-    "gai.conf", "magic", "magic.mime", "python3", "python3.11", "python3.12", "python3.13", "perl",
+    "alternatives", "ssl", "ld.so.cache", "localtime", "timezone", "os-release", "lsb-release",
+    "debian_version", "protocols", "services", "mime.types", "bash.bashrc", "profile", "inputrc",
+    "host.conf", "gai.conf",
 )  # fmt: skip
+ETC_MAX_FILE = 4 << 20
 SANDBOX_USER = "sandbox"
 
 
@@ -65,7 +67,7 @@ class ResolvedPolicy(Record):
     policy: Policy
     zones: tuple[ResolvedZone, ...]  # parents before children
     system: tuple[Mount, ...]  # the read-only system view and public /etc entries
-    etc_files: tuple[tuple[str, bytes], ...]  # synthesized /etc files: (name, content)
+    etc_files: tuple[tuple[str, bytes], ...]  # /etc files copied in: (name, content), public or synthesized
     env: tuple[tuple[str, str], ...]
     cwd: str
     home: str
@@ -205,9 +207,25 @@ def _system_view() -> tuple[Mount, ...]:
         path = "/etc/" + name
         if os.path.islink(path):
             mounts.append(Mount(kind="symlink", source=os.readlink(path), dest=path))
-        elif os.path.exists(path):
+        elif os.path.isdir(path):
             mounts.append(Mount(kind="ro-bind", source=path, dest=path))
     return tuple(mounts)
+
+
+def _public_etc_files() -> list[tuple[str, bytes]]:
+    files = []
+    for name in ETC_PUBLIC:
+        path = "/etc/" + name
+        if os.path.islink(path) or not os.path.isfile(path):
+            continue
+        try:
+            with open(path, "rb") as f:
+                data = f.read(ETC_MAX_FILE + 1)
+        except OSError:
+            continue
+        if len(data) <= ETC_MAX_FILE:
+            files.append((name, data))
+    return files
 
 
 def _etc_files(policy: Policy, *, uid: int, gid: int, home: str) -> tuple[tuple[str, bytes], ...]:
@@ -223,6 +241,7 @@ def _etc_files(policy: Policy, *, uid: int, gid: int, home: str) -> tuple[tuple[
     hosts = f"127.0.0.1\tlocalhost {name}\n::1\tlocalhost ip6-localhost ip6-loopback {name}\n"
     resolv = _host_resolv_conf() if policy.network.mode == "host" else "# no network in this sandbox\n"
     return (
+        *_public_etc_files(),
         ("passwd", passwd.encode()),
         ("group", group.encode()),
         ("hosts", hosts.encode()),

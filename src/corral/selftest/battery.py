@@ -90,7 +90,9 @@ class AttackContext:
                         limits=Limits(**limits))  # type: ignore[arg-type]  # fmt: skip
         return resolve(policy, host_env={"CORRAL_CANARY_ENV": "TOP-SECRET-CANARY"}, host_cwd=self.workspace)
 
-    def run(self, argv: Sequence[str], *, stdin: bytes | int | None = None, timeout: float = 30, **limits: object) -> Result:
+    def run(
+        self, argv: Sequence[str], *, stdin: bytes | int | None = None, timeout: float = 30, **limits: object
+    ) -> Result:
         return self.backend.run(self.policy(**limits), list(argv), sandbox_id="selftest", stdin=stdin, timeout=timeout)
 
     def sh(self, script: str, **kwargs: object) -> Result:
@@ -362,7 +364,11 @@ def outlive_sandbox(ctx: AttackContext) -> None:
 @attack("resources", "file size limit", requires=["limits.file_size"])
 def big_file(ctx: AttackContext) -> None:
     r = ctx.sh("head -c 10000000 /dev/zero > big.bin", file_size=1 << 20)
-    size = os.path.getsize(os.path.join(ctx.workspace, "big.bin")) if os.path.exists(os.path.join(ctx.workspace, "big.bin")) else 0
+    size = (
+        os.path.getsize(os.path.join(ctx.workspace, "big.bin"))
+        if os.path.exists(os.path.join(ctx.workspace, "big.bin"))
+        else 0
+    )
     expect(size <= 1 << 20, f"wrote {size} bytes past a 1 MiB limit")
     expect(r.returncode != 0, "the write did not fail")
 
@@ -387,7 +393,9 @@ def host_loopback(ctx: AttackContext) -> None:
     server.listen(1)
     port = server.getsockname()[1]
     try:
-        r = ctx.python(f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=3)\nprint('CONNECTED')")
+        r = ctx.python(
+            f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=3)\nprint('CONNECTED')"
+        )
     finally:
         server.close()
     expect(b"CONNECTED" not in r.stdout, "connected to a host loopback service")

@@ -120,8 +120,9 @@ def check_memory_limit(backend: Backend, workdir: str) -> None:
 def check_live_sandbox_shares_state(backend: Backend, workdir: str) -> None:
     live = backend.start(_policy(workdir), sandbox_id="conformance")
     try:
-        assert live.exec(["/bin/sh", "-c", "echo 42 > /tmp/state"]).ok
-        r = live.exec(["/bin/cat", "/tmp/state"])
+        # ${TMPDIR:-/tmp}: backends without a mount namespace offer /tmp as a private TMPDIR
+        assert live.exec(["/bin/sh", "-c", "echo 42 > ${TMPDIR:-/tmp}/state"]).ok
+        r = live.exec(["/bin/sh", "-c", "cat ${TMPDIR:-/tmp}/state"])
         assert r.ok and r.stdout == b"42\n", r
         live.put_file("/tmp/put.txt", b"put")
         assert live.get_file("/tmp/put.txt") == b"put"

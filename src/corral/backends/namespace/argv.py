@@ -66,8 +66,9 @@ def bwrap_argv(
         "--die-with-parent", "--new-session",
         "--cap-drop", "ALL",
         "--dev", "/dev",
-        "--perms", "1777", "--tmpfs", "/dev/shm",
+        "--chmod", "1777", "/dev/shm",
         "--proc", "/proc",
+        "--perms", "0755", "--dir", "/etc",
     ]  # fmt: skip
     for mount in rp.system:
         if mount.kind == "symlink":
@@ -75,7 +76,8 @@ def bwrap_argv(
         else:
             args += ["--ro-bind", str(mount.source), mount.dest]
     for name, fd in fds.etc:
-        args += ["--perms", "0644", "--ro-bind-data", str(fd), f"/etc/{name}"]
+        # Copied onto the sandbox's root tmpfs, which is made read-only below: no mount needed.
+        args += ["--perms", "0644", "--file", str(fd), f"/etc/{name}"]
     if extras is not None:
         if extras.agent_dir is not None:
             args += ["--ro-bind", extras.agent_dir, AGENT_DIR]

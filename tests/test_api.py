@@ -1,0 +1,109 @@
+"""The Python API as the README shows it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import corral
+from corral.errors import BackendUnavailable, ConfigError, UnsupportedPolicy
+from tests.conftest import needs_memory_cgroup
+
+pytestmark = pytest.mark.usefixtures("namespace_ok")
+
+
+def test_public_names() -> None:
+    for name in corral.__all__:
+        assert getattr(corral, name) is not None
+    assert set(corral.__all__) >= {"run", "Sandbox", "Policy", "Result", "CorralError"}
+
+
+def test_run_is_shaped_like_subprocess(policy: corral.Policy) -> None:
+    r = corral.run(["sh", "-c", "cat; echo err >&2; exit 4"], policy=policy, input=b"in")
+    assert (r.returncode, r.stdout, r.stderr, r.reason) == (4, b"in", b"err\n", "exited")
+    with pytest.raises(corral.CommandFailed):
+        corral.run(["false"], policy=policy, check=True)
+    with pytest.raises(TypeError):
+        corral.run("echo hi", policy=policy)  # type: ignore[arg-type]
+
+
+def test_run_env_and_cwd(policy: corral.Policy, workdir: Path) -> None:
+    (workdir / "sub").mkdir()
+    r = corral.run(["sh", "-c", "pwd; echo $X"], policy=policy, env={"X": "y"}, cwd=str(workdir / "sub"))
+    assert r.stdout_text == f"{workdir}/sub\ny\n"
+
+
+def test_sandbox_keeps_state_between_commands(policy: corral.Policy, workdir: Path) -> None:
+    (workdir / "a.c").write_text("int main(void) { return 3; }\n")
+    with corral.Sandbox(policy, backend="auto") as sb:
+        assert sb.backend == "namespace"
+        cc = sb.exec(["sh", "-c", "cc -o /tmp/a.out a.c || gcc -o /tmp/a.out a.c"])
+        if cc.returncode == 127:
+            pytest.skip("no C compiler")
+        assert cc.ok, cc.stderr_text
+        assert sb.exec(["/tmp/a.out"]).returncode == 3
+        sb.put_file("notes.txt", b"hello")
+        assert (workdir / "notes.txt").read_bytes() == b"hello"
+        assert sb.get_file("/tmp/a.out").startswith(b"\x7fELF")
+
+
+@needs_memory_cgroup
+def test_sandbox_limits_per_exec(policy: corral.Policy) -> None:
+    with corral.Sandbox(policy.with_limits(memory=64 << 20)) as sb:
+        hog = sb.exec(["python3", "-c", "b = bytearray(512 * 2**20)"])
+        assert hog.reason == "memory" and "memory limit 64M" in hog.detail
+        assert sb.exec(["true"]).ok  # the sandbox survives its command's death
+        slow = sb.exec(["sleep", "30"], timeout=0.5)
+        assert slow.reason == "timeout"
+
+
+def test_streaming_output(policy: corral.Policy) -> None:
+    chunks: list[tuple[str, bytes]] = []
+    with corral.Sandbox(policy) as sb:
+        sb.exec(["sh", "-c", "echo a; echo b >&2"], on_output=lambda s, c: chunks.append((s, c)))
+    assert ("stdout", b"a\n") in chunks and ("stderr", b"b\n") in chunks
+
+
+def test_ask_rules(policy: corral.Policy, tmp_path: Path) -> None:
+    p = policy.replace(commands=corral.Commands(ask=["rm"]))
+    asked: list[corral.AskRequest] = []
+
+    def approve(req: corral.AskRequest) -> bool:
+        asked.append(req)
+        return req.argv[-1] == "ok.txt"
+
+    with corral.Sandbox(p, approver=approve, audit=str(tmp_path / "a.jsonl")) as sb:
+        assert sb.exec(["rm", "-f", "ok.txt"]).ok
+        denied = sb.exec(["rm", "-f", "precious.txt"])
+        assert denied.reason == "denied" and denied.returncode is None and "said no" in (denied.rule or "")
+    assert len(asked) == 2
+    # with no approver at all, asking means no
+    assert corral.run(["rm", "x"], policy=p).reason == "denied"
+
+
+def test_external_approver(policy: corral.Policy, tmp_path: Path) -> None:
+    script = tmp_path / "approve.sh"
+    script.write_text("#!/bin/sh\ngrep -q '\"yes-please\"'\n")
+    script.chmod(0o755)
+    p = policy.replace(commands=corral.Commands(ask=["echo"], approver=[str(script)], ask_timeout=5))
+    assert corral.run(["echo", "yes-please"], policy=p).ok
+    assert corral.run(["echo", "no"], policy=p).reason == "denied"
+    hang = tmp_path / "hang.sh"
+    hang.write_text("#!/bin/sh\nsleep 30\n")
+    hang.chmod(0o755)
+    slow = policy.replace(commands=corral.Commands(ask=["echo"], approver=[str(hang)], ask_timeout=0.5))
+    assert corral.run(["echo", "x"], policy=slow).reason == "denied"
+
+
+def test_bad_backend_and_unsupported_policy(policy: corral.Policy) -> None:
+    with pytest.raises(ConfigError, match="unknown backend"):
+        corral.Sandbox(policy, backend="nope")
+    with pytest.raises(UnsupportedPolicy, match="zones"):
+        corral.Sandbox(policy, backend="process")
+    assert isinstance(BackendUnavailable("x", "y"), corral.CorralError)
+
+
+def test_weaker_backend_when_accepted(policy: corral.Policy) -> None:
+    with corral.Sandbox(policy, backend="process", allow_weaker=True) as sb:
+        assert sb.weaker and sb.exec(["true"]).ok
