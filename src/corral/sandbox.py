@@ -115,6 +115,11 @@ class _Guard:
             action="allow" if allowed else "deny", rule=f"{decision.rule} ({how} said {'yes' if allowed else 'no'})"
         )
 
+    def emit(self, event: str, fields: dict[str, object]) -> None:
+        """The backend's own events (network decisions, ...) into the audit log."""
+        if self.audit is not None:
+            self.audit.write(event, sandbox=self.id, backend=self.backend, **fields)
+
     def record_exec(self, argv: Sequence[str], cwd: str, result: Result) -> None:
         if self.audit is None:
             return
@@ -177,7 +182,7 @@ class Sandbox:
     def start(self) -> Sandbox:
         if self._live is None:
             started = time.monotonic()
-            self._live = self._backend.start(self.rp, sandbox_id=self.id)
+            self._live = self._backend.start(self.rp, sandbox_id=self.id, events=self._guard.emit)
             if self.audit is not None:
                 zones = [{"mount": z.mount, "mode": z.mode, "host": z.host} for z in self.rp.zones]
                 self.audit.write(
@@ -290,7 +295,9 @@ def run(
     try:
         result = guard.admit(argv, rp.cwd)
         if result is None:
-            result = chosen.run(rp, argv, sandbox_id=sandbox_id, stdin=input, timeout=timeout, on_output=on_output)
+            result = chosen.run(
+                rp, argv, sandbox_id=sandbox_id, stdin=input, timeout=timeout, on_output=on_output, events=guard.emit
+            )
         guard.record_exec(argv, rp.cwd, result)
     finally:
         if own and log is not None:

@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 
     Reason = Literal["exited", "timeout", "memory", "pids", "output", "file_size", "signal", "denied"]
     OutputCallback = Callable[[str, bytes], None]
+    # Where a backend reports events for the audit log: events(name, fields), e.g.
+    # events("net.decision", {"host": ..., "action": "deny", "rule": ...}). Never raises.
+    EventSink = Callable[[str, dict[str, object]], None]
 
 REASONS = ("exited", "timeout", "memory", "pids", "output", "file_size", "signal", "denied")
 
@@ -260,7 +263,9 @@ class Backend:
     def probe(self) -> Capabilities:
         raise NotImplementedError
 
-    def start(self, rp: ResolvedPolicy, *, sandbox_id: str) -> LiveSandbox:
+    def start(self, rp: ResolvedPolicy, *, sandbox_id: str, events: EventSink | None = None) -> LiveSandbox:
+        """A live sandbox for `rp`. `events` receives what the backend decides on its own (network
+        decisions, for example) for the audit log."""
         raise NotImplementedError
 
     def run(
@@ -273,9 +278,10 @@ class Backend:
         timeout: float | None = None,
         on_output: OutputCallback | None = None,
         output: tuple[int, int] | None = None,
+        events: EventSink | None = None,
     ) -> Result:
         """One command in a fresh sandbox (see `LiveSandbox.exec`). Backends may override this with a faster path."""
-        live = self.start(rp, sandbox_id=sandbox_id)
+        live = self.start(rp, sandbox_id=sandbox_id, events=events)
         try:
             return live.exec(argv, stdin=stdin, timeout=timeout, on_output=on_output, output=output)
         finally:

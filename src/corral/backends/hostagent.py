@@ -19,6 +19,7 @@ from corral.errors import LaunchError, UnsupportedPolicy
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from corral.backends.base import EventSink
     from corral.kernel.cgroups import CgroupHost
     from corral.policy.resolve import ResolvedPolicy
 
@@ -47,7 +48,7 @@ class HostAgentBackend(Backend):
         """The confinement message for the agent and the seccomp program it loads ("" for none)."""
         raise NotImplementedError
 
-    def start(self, rp: ResolvedPolicy, *, sandbox_id: str) -> LiveSandbox:
+    def start(self, rp: ResolvedPolicy, *, sandbox_id: str, events: EventSink | None = None) -> LiveSandbox:
         from corral.agent.client import AgentClient
         from corral.backends.live import AgentSandbox
         from corral.backends.namespace.launch import rlimits_for

@@ -262,7 +262,9 @@ def run_command(args: list[str]) -> int:
             # Output goes straight to our stdout/stderr unless it must be captured or counted.
             output = None if (as_json or rp.limits.output is not None) else (1, 2)
             forward = None if as_json else _forward
-            result = backend.run(rp, command, sandbox_id=sandbox_id, stdin=0, output=output, on_output=forward)
+            result = backend.run(
+                rp, command, sandbox_id=sandbox_id, stdin=0, output=output, on_output=forward, events=guard.emit
+            )
         guard.record_exec(command, rp.cwd, result)
     finally:
         if audit is not None:

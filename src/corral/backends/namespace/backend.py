@@ -16,7 +16,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from corral.backends.base import OutputCallback
+    from corral.backends.base import EventSink, OutputCallback
     from corral.kernel.cgroups import CgroupHost
     from corral.policy.resolve import ResolvedPolicy
 
@@ -111,6 +111,7 @@ class NamespaceBackend(Backend):
         timeout: float | None = None,
         on_output: OutputCallback | None = None,
         output: tuple[int, int] | None = None,
+        events: EventSink | None = None,
     ) -> Result:
         """One command in a fresh sandbox, without an agent: bubblewrap runs the command itself."""
         from corral.kernel.pump import pump
@@ -172,7 +173,7 @@ class NamespaceBackend(Backend):
             launched.release()
 
     # ------------------------------------------------------------------ live
-    def start(self, rp: ResolvedPolicy, *, sandbox_id: str) -> LiveSandbox:
+    def start(self, rp: ResolvedPolicy, *, sandbox_id: str, events: EventSink | None = None) -> LiveSandbox:
         import socket
 
         from corral.agent.client import AgentClient
