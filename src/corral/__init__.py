@@ -25,6 +25,7 @@ _EXPORTS = {
     "Commands": "corral.policy.model",
     "Limits": "corral.policy.model",
     "Env": "corral.policy.model",
+    "Container": "corral.policy.model",
     "load_policy": "corral.policy.load",
     "AuditLog": "corral.audit",
     "CorralError": "corral.errors",
@@ -39,8 +40,8 @@ _EXPORTS = {
 
 __all__ = [
     "AskRequest", "AuditLog", "BackendError", "BackendUnavailable", "Capabilities", "CommandFailed", "Commands",
-    "ConfigError", "CorralError", "Env", "LaunchError", "Limits", "Network", "Policy", "PolicyDenied", "Result",
-    "Sandbox", "SandboxLost", "UnsupportedPolicy", "Zone", "__version__", "load_policy", "run",
+    "ConfigError", "Container", "CorralError", "Env", "LaunchError", "Limits", "Network", "Policy", "PolicyDenied",
+    "Result", "Sandbox", "SandboxLost", "UnsupportedPolicy", "Zone", "__version__", "load_policy", "run",
 ]  # fmt: skip
 
 TYPE_CHECKING = False
@@ -58,7 +59,7 @@ if TYPE_CHECKING:
         UnsupportedPolicy,
     )
     from corral.policy.load import load_policy
-    from corral.policy.model import Commands, Env, Limits, Network, Policy, Zone
+    from corral.policy.model import Commands, Container, Env, Limits, Network, Policy, Zone
     from corral.sandbox import AskRequest, Sandbox, run
 
 

@@ -1,10 +1,11 @@
 """corral's agent: the process that lives inside a sandbox and starts commands on request.
 
 Started once per live sandbox (inside bubblewrap for the namespace backend, as a confined child
-for landlock/process), it receives a `hello` with its confinement, then `exec`, `signal`, `put`,
-`get` and `stop` requests over an inherited socket (see protocol.py). Every command it starts
-inherits its namespaces, seccomp filter, Landlock domain and limits, so starting one costs a
-posix_spawn rather than a new sandbox.
+for landlock/process, as a container's only process for docker/gvisor), it receives a `hello`
+with its confinement, then `exec`, `signal`, `put`, `get` and `stop` requests over an inherited
+socket, or one it connects to (CORRAL_AGENT_SOCKET) when an engine cannot pass one (protocol.py).
+Every command it starts inherits its namespaces, seccomp filter, Landlock domain and limits, so
+starting one costs a posix_spawn rather than a new sandbox.
 
 When a command's main process exits, the agent kills what is left of its session; when no command
 is running, it kills every other descendant too (a double-forked, setsid'd child included), so
@@ -342,9 +343,14 @@ def _state(pid: int) -> bytes:
 
 
 def main() -> int:
-    fd = int(os.environ.pop("CORRAL_AGENT_FD", "3"))
-    os.set_inheritable(fd, False)
-    sock = socket.socket(fileno=fd)
+    path = os.environ.pop("CORRAL_AGENT_SOCKET", "")
+    if path:  # a container engine cannot hand us a descriptor: connect to the host's socket instead
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.connect(path)
+    else:
+        fd = int(os.environ.pop("CORRAL_AGENT_FD", "3"))
+        os.set_inheritable(fd, False)
+        sock = socket.socket(fileno=fd)
     agent = Agent(sock)
     message, fds = protocol.recv(sock)
     if message is None or message.get("op") != "hello":

@@ -21,6 +21,9 @@ BACKENDS: dict[str, tuple[str, str, int]] = {
     "process": ("corral.backends.process", "ProcessBackend", 0),
     "landlock": ("corral.backends.landlock", "LandlockBackend", 20),
     "namespace": ("corral.backends.namespace.backend", "NamespaceBackend", 30),
+    # Container backends are chosen explicitly (backend = "docker" / "gvisor"), never by `auto`.
+    "docker": ("corral.backends.docker", "DockerBackend", 40),
+    "gvisor": ("corral.backends.gvisor", "GVisorBackend", 50),
 }
 AUTO_ORDER = ("namespace", "landlock")
 PROBE_CACHE_VERSION = "1"

@@ -24,7 +24,7 @@ EXIT_TIMEOUT = 124
 
 # flag -> (metavar or None for a switch, repeatable, help). The single source for parsing and --help.
 RUN_FLAGS: dict[str, tuple[str | None, bool, str]] = {
-    "--backend": ("NAME", False, "auto (default), namespace, landlock or process"),
+    "--backend": ("NAME", False, "auto (default), namespace, landlock, process, docker or gvisor"),
     "--min-backend": ("NAME", False, "refuse any backend weaker than NAME"),
     "--allow-weaker": (None, False, "accept a backend that cannot enforce every part of the policy"),
     "--profile": ("NAME", False, "strict, workspace (default), fs_safe, net_safe or dev"),
@@ -46,6 +46,7 @@ RUN_FLAGS: dict[str, tuple[str | None, bool, str]] = {
     "--ask-command": ("PATTERN", True, "ask the approver before commands matching PATTERN"),
     "--cwd": ("DIR", False, "working directory inside the sandbox"),
     "--uid": ("N", False, "uid inside the sandbox (default 1000; 0 for root inside)"),
+    "--image": ("NAME", False, "container image (docker and gvisor backends; default: corral's own)"),
     "--audit": ("FILE", False, "append audit events (JSON lines) to FILE"),
     "--json": (None, False, "capture output and print the result as JSON"),
 }
@@ -205,6 +206,8 @@ def build_policy(opts: dict[str, object]) -> tuple[object, str | None, str | Non
         policy = policy.replace(cwd=_opt(opts, "--cwd"))
     if "--uid" in opts:
         policy = policy.replace(uid=int(_number(str(opts["--uid"]), "--uid", integer=True)))
+    if "--image" in opts:
+        policy = policy.replace(container=policy.container.replace(image=_opt(opts, "--image")))
     backend = _opt(opts, "--backend") or config.backend
     return policy, backend, _opt(opts, "--min-backend") or config.min_backend, _opt(opts, "--audit") or config.audit
 

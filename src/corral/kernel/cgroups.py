@@ -163,6 +163,76 @@ class Cgroup:
         self._oom_base = 0
         self._pids_base = 0
 
+    @classmethod
+    def of_process(cls, pid: int) -> Cgroup | None:
+        """The cgroup `pid` is in (a container's, made by its engine), to read its OOM and pids counters.
+
+        None when that process or its cgroup is not visible from here. The caller does not own it:
+        never `destroy()` it.
+        """
+        try:
+            mounts = _cgroup_mounts()
+            with open(f"/proc/{pid}/cgroup", encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            return None
+        paths: dict[str, str] = {}
+        for line in lines:
+            _, controllers, path = line.split(":", 2)
+            for controller in controllers.split(",") if controllers else [""]:
+                paths[controller] = path
+        v1: dict[str, str] = {c: _join(mounts[c], paths[c]) for c in ("memory", "pids") if c in mounts and c in paths}
+        if v1:
+            dirs = {c: d for c, d in v1.items() if os.path.isdir(d)}
+            return cls("v1", dirs) if dirs else None
+        if "unified" in mounts and "" in paths:
+            d = _join(mounts["unified"], paths[""])
+            return cls("v2", {"v2": d}) if os.path.isdir(d) else None
+        return None
+
+    @classmethod
+    def create_at(cls, relative: str, limits: Limits) -> Cgroup:
+        """A new cgroup at `relative` below the root of the memory and cpu hierarchies, with the
+        memory and cpus of `limits`: for an OCI runtime given `relative` as its cgroupsPath, which
+        joins a cgroup that exists without touching its limits. Needs root."""
+        from corral.policy.model import Limits as _Limits
+
+        mounts = _cgroup_mounts()
+        v1: dict[str, str] = {c: _join(mounts[c], relative) for c in ("memory", "cpu") if c in mounts}
+        if v1:
+            cgroup = cls("v1", v1)
+        elif "unified" in mounts:
+            path = _join(mounts["unified"], relative)
+            parent = mounts["unified"]
+            for part in relative.strip("/").split("/"):
+                for controller in ("memory", "cpu"):
+                    _write_if_exists(os.path.join(parent, "cgroup.subtree_control"), f"+{controller}")
+                parent = os.path.join(parent, part)
+                os.makedirs(parent, exist_ok=True)
+            cgroup = cls("v2", {"v2": path})
+        else:
+            raise OSError(errno.ENOTSUP, "no cgroup filesystem mounted")
+        for d in cgroup.dirs.values():
+            os.makedirs(d, exist_ok=True)
+        try:
+            cgroup.set_limits(_Limits(memory=limits.memory, cpus=limits.cpus))
+        except OSError:
+            cgroup.destroy()
+            raise
+        return cgroup
+
+    def memory_exhausted(self) -> bool:
+        """Whether the memory limit was ever reached (an OOM kill, or a refused charge on v1)."""
+        d = self._dir("memory")
+        if d is None:
+            return False
+        if self._counter("memory", "oom_kill") > 0:
+            return True
+        if self.mode == "v2":
+            return self._counter("memory", "max") > 0
+        text = _read(os.path.join(d, "memory.failcnt")).strip()
+        return text.isdigit() and int(text) > 0
+
     def _dir(self, controller: str) -> str | None:
         if self.mode == "v2":
             return self.dirs.get("v2")

@@ -18,6 +18,9 @@
     [env]
     pass = ["CI"]
     set = { PYTHONDONTWRITEBYTECODE = "1" }
+    [container]                       # docker and gvisor backends only
+    image = "python:3.12-slim"        # default: corral's own image over the host's /usr
+    auto_pull = false
 
 Every key is checked: a wrong key or value is a `ConfigError` that names the key, the value and
 what was expected. The same words are the CLI's flags and the Python fields.
@@ -29,7 +32,7 @@ import os
 
 from corral._record import Record
 from corral.errors import ConfigError
-from corral.policy.model import Commands, Env, Limits, Network, Policy, Zone
+from corral.policy.model import Commands, Container, Env, Limits, Network, Policy, Zone
 from corral.policy.profiles import DEFAULT_PROFILE, make_profile
 from corral.units import parse_duration, parse_size
 
@@ -42,7 +45,7 @@ _TOP_KEYS = {
     "profile": "a profile name", "backend": "a backend name", "min_backend": "a backend name",
     "workspace": "a directory", "zones": "a list of zone tables", "network": "a table",
     "commands": "a table", "limits": "a table", "env": "a table", "cwd": "a path inside the sandbox",
-    "uid": "a uid", "hostname": "a host name", "audit": "a file path",
+    "uid": "a uid", "hostname": "a host name", "audit": "a file path", "container": "a table",
 }  # fmt: skip
 _ZONE_KEYS = {"host": "a host path", "mount": "a path inside the sandbox", "mode": "ro, rw or tmpfs", "size": "a size"}
 _NETWORK_KEYS = {"mode": "none, host or allow", "allow": "a list of domains", "allow_cidrs": "a list of CIDRs",
@@ -52,6 +55,7 @@ _COMMANDS_KEYS = {"allow": "a list of patterns", "deny": "a list of patterns", "
 _LIMIT_KEYS = {"cpus": "a number of CPUs", "memory": "a size", "pids": "a number", "timeout": "a duration",
                "output": "a size", "file_size": "a size", "open_files": "a number"}  # fmt: skip
 _ENV_KEYS = {"pass": "a list of variable names", "set": "a table of NAME = value"}
+_CONTAINER_KEYS = {"image": "an image name", "auto_pull": "true or false"}
 
 
 class Config(Record):
@@ -156,6 +160,8 @@ def config_from_mapping(data: Mapping[str, object], *, base_dir: str, source: st
         fields["uid"] = data["uid"]
     if "hostname" in data:
         fields["hostname"] = data["hostname"]
+    if "container" in data:
+        fields["container"] = _container(data.get("container"), f"{where}: container")
     try:
         policy = Policy(zones=zones, network=network, commands=commands, limits=limits, env=env,
                         profile=profile_name, **fields)  # type: ignore[arg-type]  # fmt: skip
@@ -241,6 +247,15 @@ def _limits(raw: object, where: str) -> Limits:
             fields[key] = value
     try:
         return Limits(**fields)  # type: ignore[arg-type]
+    except ConfigError as exc:
+        raise ConfigError(str(exc), where=where) from None
+
+
+def _container(raw: object, where: str) -> Container:
+    _check_keys(raw, _CONTAINER_KEYS, where)
+    assert isinstance(raw, dict)
+    try:
+        return Container(**raw)
     except ConfigError as exc:
         raise ConfigError(str(exc), where=where) from None
 

@@ -320,6 +320,31 @@ class Env(Record):
         return env
 
 
+class Container(Record):
+    """What the container backends (docker, gvisor) start from; the other backends ignore it.
+
+    `image` None (the default) means corral's own minimal image: an empty root with the host's
+    system directories mounted read-only, the same system view as the namespace backend, built
+    locally without a registry. A named image (`python:3.12-slim`, a local tag) provides the system
+    instead; it must contain `/bin/sh` and `python3` (>= 3.8) for corral's agent. `auto_pull` lets
+    the engine pull a named image that is not present locally (off by default: no surprise
+    downloads, no registry needed).
+    """
+
+    __slots__ = ("auto_pull", "image")
+    image: str | None
+    auto_pull: bool
+
+    def __init__(self, *, image: str | None = None, auto_pull: bool = False) -> None:
+        if image is not None and (not isinstance(image, str) or not image or any(c.isspace() for c in image)):
+            raise ConfigError(
+                f"expected an image name such as python:3.12-slim, got {image!r}", where="container.image"
+            )
+        if not isinstance(auto_pull, bool):
+            raise ConfigError(f"expected true or false, got {auto_pull!r}", where="container.auto_pull")
+        self._set(image=image, auto_pull=auto_pull)
+
+
 def _check_env_name(name: str, *, where: str) -> None:
     if not name or "=" in name or "\0" in name or name[0].isdigit():
         raise ConfigError(f"not a valid variable name: {name!r}", where=where)
@@ -330,7 +355,7 @@ class Policy(Record):
     `corral.policy.load_policy()` (TOML) or directly; change one with `.replace(...)` / `.with_zones(...)`.
     """
 
-    __slots__ = ("commands", "cwd", "env", "hostname", "limits", "network", "profile", "uid", "zones")
+    __slots__ = ("commands", "container", "cwd", "env", "hostname", "limits", "network", "profile", "uid", "zones")
     zones: tuple[Zone, ...]
     network: Network
     commands: Commands
@@ -340,6 +365,7 @@ class Policy(Record):
     uid: int
     hostname: str
     profile: str | None
+    container: Container
 
     def __init__(
         self,
@@ -353,6 +379,7 @@ class Policy(Record):
         uid: int = 1000,
         hostname: str = "corral",
         profile: str | None = None,
+        container: Container | None = None,
     ) -> None:
         zones_t = tuple(zones)
         for i, zone in enumerate(zones_t):
@@ -384,6 +411,7 @@ class Policy(Record):
             uid=uid,
             hostname=hostname,
             profile=profile,
+            container=container if container is not None else Container(),
         )
 
     @classmethod
