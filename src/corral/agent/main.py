@@ -280,8 +280,8 @@ def _own_children() -> set:  # type: ignore[type-arg]
     try:
         with open("/proc/%d/task/%d/children" % (pid, pid), "rb") as f:
             return {int(p) for p in f.read().split()}
-    except OSError:
-        return set()
+    except OSError:  # no such file (gVisor, kernels without CONFIG_PROC_CHILDREN): scan /proc
+        return {p for p, ppid, _sid in _processes() if ppid == pid}
 
 
 def _processes() -> list:  # type: ignore[type-arg]
@@ -303,6 +303,7 @@ def _processes() -> list:  # type: ignore[type-arg]
 def _kill_session(sid: int) -> None:
     for _ in range(50):
         victims = [pid for pid, _ppid, session in _processes() if session == sid and pid != os.getpid()]
+        victims = [pid for pid in victims if _state(pid) != b"Z"]  # zombies wait for reap(), not for us
         if not victims:
             return
         for pid in victims:

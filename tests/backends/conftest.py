@@ -1,0 +1,157 @@
+"""Container engines for the docker and gvisor tests, started by the tests themselves.
+
+`docker_host` starts a private `dockerd` (its own data root, exec root, socket and containerd
+namespace; no bridge, no iptables: sandboxes have no network anyway) with the `runsc` runtime
+registered when gVisor is installed, points DOCKER_HOST at it for the session and stops it at the
+end. A test that needs it is skipped, with the reason, when dockerd cannot start here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from corral.backends import registry
+from corral.backends.base import Capabilities
+
+DOCKERD_START_TIMEOUT = 60.0
+
+
+class DockerDaemon:
+    def __init__(self, base: str, proc: subprocess.Popen[bytes], socket_path: str, log: str) -> None:
+        self.base = base
+        self.proc = proc
+        self.socket_path = socket_path
+        self.url = f"unix://{socket_path}"
+        self.log = log
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            with open(self.log, encoding="utf-8", errors="replace") as f:
+                return "\n".join(f.read().splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def _answers(socket_path: str) -> bool:
+    import socket
+
+    if not os.path.exists(socket_path):
+        return False
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(2)
+    try:
+        s.connect(socket_path)
+        s.sendall(b"GET /_ping HTTP/1.0\r\n\r\n")
+        return b"200 OK" in s.recv(4096)
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def start_dockerd() -> DockerDaemon:
+    """A private dockerd, or pytest.skip with the reason it cannot run here."""
+    if os.geteuid() != 0:
+        pytest.skip("starting a private dockerd needs root (run the suite as root, as .ci/run does)")
+    dockerd = shutil.which("dockerd", path="/usr/bin:/usr/sbin:/usr/local/bin")
+    if dockerd is None:
+        pytest.skip("dockerd is not installed (apt-get install docker.io)")
+    base = tempfile.mkdtemp(prefix="corral-dk-", dir="/tmp")  # short: unix socket paths are limited
+    config: dict[str, object] = {}
+    runsc = shutil.which("runsc", path="/usr/bin:/usr/local/bin:/usr/sbin")
+    if runsc is not None:
+        # The agent connects to a host socket: runsc must allow it (--host-uds=open).
+        config["runtimes"] = {"runsc": {"path": runsc, "runtimeArgs": ["--host-uds=open", "--platform=ptrace"]}}
+    with open(os.path.join(base, "daemon.json"), "w") as f:
+        json.dump(config, f)
+    socket_path = os.path.join(base, "docker.sock")
+    log = os.path.join(base, "dockerd.log")
+    argv = [dockerd, "--config-file", os.path.join(base, "daemon.json"), "--bridge=none", "--iptables=false",
+            "--ip6tables=false", "--data-root", os.path.join(base, "data"), "--exec-root", os.path.join(base, "x"),
+            "-H", f"unix://{socket_path}", "--pidfile", os.path.join(base, "dockerd.pid"),
+            "--containerd-namespace", f"corral-{os.getpid()}", "--containerd-plugins-namespace",
+            f"corral-{os.getpid()}-p", "--userland-proxy=false", "--log-level=warn"]  # fmt: skip
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    daemon = DockerDaemon(base, proc, socket_path, log)
+    deadline = time.monotonic() + DOCKERD_START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = daemon.log_tail()
+            stop_dockerd(daemon)
+            pytest.skip(f"dockerd exited at start-up (status {proc.returncode}): {tail}")
+        if _answers(socket_path):
+            return daemon
+        time.sleep(0.1)
+    tail = daemon.log_tail()
+    stop_dockerd(daemon)
+    pytest.skip(f"dockerd did not answer within {DOCKERD_START_TIMEOUT:g}s: {tail}")
+
+
+def stop_dockerd(daemon: DockerDaemon) -> None:
+    if daemon.proc.poll() is None:
+        if _answers(daemon.socket_path):
+            subprocess.run(["docker", "-H", daemon.url, "rm", "-f", "-v", *_all_containers(daemon)],
+                           capture_output=True, check=False, timeout=60)  # fmt: skip
+        daemon.proc.send_signal(signal.SIGTERM)
+        try:
+            daemon.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(daemon.proc.pid, signal.SIGKILL)
+            daemon.proc.wait()
+    # dockerd unmounts its layers when it stops; anything left is unmounted before removal.
+    with open("/proc/self/mountinfo") as f:
+        mounts = [line.split()[4] for line in f if f" {daemon.base}/" in f" {line.split()[4]}"]
+    for mount in sorted(mounts, key=len, reverse=True):
+        subprocess.run(["umount", "-l", mount], capture_output=True, check=False)
+    shutil.rmtree(daemon.base, ignore_errors=True)
+
+
+def _all_containers(daemon: DockerDaemon) -> list[str]:
+    if shutil.which("docker") is None:
+        return []
+    done = subprocess.run(["docker", "-H", daemon.url, "ps", "-aq"], capture_output=True, text=True, check=False)
+    return done.stdout.split() if done.returncode == 0 else []
+
+
+@pytest.fixture(scope="session")
+def dockerd() -> Iterator[DockerDaemon]:
+    daemon = start_dockerd()
+    old = os.environ.get("DOCKER_HOST")
+    os.environ["DOCKER_HOST"] = daemon.url
+    try:
+        yield daemon
+    finally:
+        if old is None:
+            os.environ.pop("DOCKER_HOST", None)
+        else:
+            os.environ["DOCKER_HOST"] = old
+        stop_dockerd(daemon)
+
+
+def container_backend(name: str) -> tuple[object, Capabilities]:
+    """The backend and its capabilities (probed afresh), or a skip saying why it does not work here."""
+    backend = registry.create(name)
+    caps = registry.probe(backend, fresh=True)
+    if not caps.available:
+        pytest.skip(f"{name} unavailable here: {caps.reason} (fix: {caps.fix})")
+    return backend, caps
+
+
+@pytest.fixture(scope="session")
+def docker_ok(dockerd: DockerDaemon) -> Capabilities:
+    return container_backend("docker")[1]
+
+
+@pytest.fixture(scope="session")
+def gvisor_ok(dockerd: DockerDaemon) -> Capabilities:
+    return container_backend("gvisor")[1]

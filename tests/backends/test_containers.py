@@ -1,0 +1,77 @@
+"""The container backends (docker, gvisor) through the same suites as every other backend:
+the public conformance checks (corral.testing) and the escape battery (corral.selftest.battery).
+
+docker runs against a private dockerd the tests start (see conftest.py); gvisor runs runsc
+directly. A backend that cannot work here is skipped with its reason.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from corral.backends import registry
+from corral.backends.base import Backend, Capabilities
+from corral.selftest.battery import BATTERY, Attack, AttackContext, Breach, NotApplicable
+from corral.testing import CHECKS, Skip, run_check
+
+from .conftest import container_backend
+
+BACKENDS = ["docker", "gvisor"]
+_PROBED: dict[str, tuple[Backend, Capabilities]] = {}
+
+
+def _ready(name: str, request: pytest.FixtureRequest) -> tuple[Backend, Capabilities]:
+    if name == "docker":
+        request.getfixturevalue("dockerd")
+    if name not in _PROBED:
+        backend, caps = container_backend(name)
+        assert isinstance(backend, Backend)
+        _PROBED[name] = (backend, caps)
+    return _PROBED[name]
+
+
+def _old_gvisor_status(name: str) -> bool:
+    """gVisor before 2023 shows no NoNewPrivs line in /proc/self/status (no_new_privs is still set:
+    tests/backends/test_gvisor.py checks it with prctl)."""
+    if name != "gvisor":
+        return False
+    from corral.backends.gvisor import find_runsc
+
+    version = find_runsc().version
+    digits = "".join(c for c in version.split("~")[-1].split(".")[0] if c.isdigit())
+    return len(digits) >= 8 and int(digits[:8]) < 20230101
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("check", CHECKS, ids=[c.__name__ for c in CHECKS])
+def test_conformance(name: str, check, workdir: Path, request: pytest.FixtureRequest) -> None:  # type: ignore[no-untyped-def]
+    _ready(name, request)
+    try:
+        run_check(check, lambda: registry.create(name), str(workdir))
+    except Skip as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("attack", BATTERY, ids=[a.name for a in BATTERY])
+def test_attack_is_blocked(
+    name: str, attack: Attack, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> None:
+    backend, caps = _ready(name, request)
+    missing = attack.requires - caps.enforces
+    if missing:
+        pytest.skip(f"{name} does not claim {', '.join(sorted(missing))}")
+    if attack.name == "setuid_binary" and _old_gvisor_status(name):
+        pytest.skip("this runsc's /proc/self/status has no NoNewPrivs line; test_gvisor checks prctl instead")
+    with AttackContext(registry.create(name), base=str(tmp_path_factory.getbasetemp())) as ctx:
+        try:
+            attack.fn(ctx)
+        except NotApplicable as exc:
+            pytest.skip(str(exc))
+        except Breach as exc:
+            pytest.fail(f"{attack.title}: NOT BLOCKED on {name}: {exc}")
+        ctx.host_unchanged()
+    assert backend.name == name and os.path.isdir(str(tmp_path_factory.getbasetemp()))
