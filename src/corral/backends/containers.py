@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 LABEL_SANDBOX = "corral.sandbox"
 LABEL_OWNER = "corral.owner"
 LABEL_BACKEND = "corral.backend"
+LABEL_STATE = "corral.state"  # the sandbox's private host directory, removed with an orphan
 AGENT_TIMEOUT = 30.0
 # Finds a python3 in an image and starts the agent with it (an image's python may be anywhere).
 FIND_PYTHON = (
@@ -48,7 +49,7 @@ class StateDir:
     """
 
     def __init__(self, sandbox_id: str, *, base: str | None = None) -> None:
-        self.path = tempfile.mkdtemp(prefix=f"corral-{sandbox_id}-", dir=base)
+        self.path = os.path.realpath(tempfile.mkdtemp(prefix=f"corral-{sandbox_id}-", dir=base))
         self.etc = os.path.join(self.path, "etc")
         self.run = os.path.join(self.path, "run")
         os.mkdir(self.etc, 0o755)
@@ -74,6 +75,22 @@ class StateDir:
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+    @staticmethod
+    def remove_orphan(path: str) -> None:
+        """Remove a crashed sandbox's directory, named by a container label: only one of ours (a
+        `corral-*` directory of ours, not a link, in the temporary directory), whatever the label says."""
+        parent = os.path.realpath(tempfile.gettempdir())
+        if os.path.dirname(path) != parent or not os.path.basename(path).startswith("corral-"):
+            return
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return
+        import stat
+
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid():
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def accept_agent(

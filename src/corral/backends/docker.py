@@ -162,6 +162,7 @@ class DockerBackend(Backend):
             LABEL_BACKEND,
             LABEL_OWNER,
             LABEL_SANDBOX,
+            LABEL_STATE,
             StateDir,
             accept_agent,
             hello_for,
@@ -219,7 +220,8 @@ class DockerBackend(Backend):
                 gid=gid,
             )
             listener = state.listen()
-            labels = {LABEL_SANDBOX: sandbox_id, LABEL_OWNER: owner_label(), LABEL_BACKEND: self.name}
+            labels = {LABEL_SANDBOX: sandbox_id, LABEL_OWNER: owner_label(), LABEL_BACKEND: self.name,
+                      LABEL_STATE: state.path}  # fmt: skip
             container_id = self._create(
                 engine,
                 rp,
@@ -401,7 +403,7 @@ class DockerBackend(Backend):
 
 def reap_orphans(engine: Engine) -> list[str]:
     """Remove corral's containers whose owner process is gone; returns their ids."""
-    from corral.backends.containers import LABEL_OWNER, owner_gone
+    from corral.backends.containers import LABEL_OWNER, LABEL_STATE, StateDir, owner_gone
 
     try:
         found = engine.api.containers(all=True, filters={"label": LABEL_OWNER})
@@ -409,8 +411,11 @@ def reap_orphans(engine: Engine) -> list[str]:
         return []
     reaped = []
     for c in found:
-        owner = (c.get("Labels") or {}).get(LABEL_OWNER, "")
+        labels = c.get("Labels") or {}
+        owner = labels.get(LABEL_OWNER, "")
         if owner and owner_gone(owner):
             DockerBackend._remove(engine, c["Id"])
+            if labels.get(LABEL_STATE):
+                StateDir.remove_orphan(str(labels[LABEL_STATE]))
             reaped.append(str(c["Id"]))
     return reaped

@@ -125,7 +125,7 @@ def connect(name: str, *, env: dict[str, str] | None = None) -> Engine:
     if problems:
         _url, reason, fix = problems[0]
         raise BackendUnavailable(name, reason, fix=fix)
-    reason, fix = _nothing_running()
+    reason, fix = no_engine_found()
     raise BackendUnavailable(name, reason, fix=fix)
 
 
@@ -180,15 +180,14 @@ def _start_fix(path: str) -> str:
     return "start the Docker daemon: sudo systemctl start docker (or sudo dockerd &)"
 
 
-def _nothing_running() -> tuple[str, str]:
-    dockerd = shutil.which("dockerd", path="/usr/bin:/usr/sbin:/usr/local/bin:/bin:/sbin")
-    podman = shutil.which("podman", path="/usr/bin:/usr/local/bin:/bin")
-    if dockerd:
+def no_engine_found(search: str = "/usr/bin:/usr/sbin:/usr/local/bin:/bin:/sbin") -> tuple[str, str]:
+    """Why no engine socket exists, and the fix: installed but not running, or not installed (in `search`)."""
+    if shutil.which("dockerd", path=search):
         return (
             "Docker is installed but its daemon is not running (no socket at /var/run/docker.sock)",
             "sudo systemctl start docker (or sudo dockerd &); for a daemon elsewhere, set DOCKER_HOST=unix://PATH",
         )
-    if podman:
+    if shutil.which("podman", path=search):
         return (
             "Podman is installed but its API service is not running",
             "systemctl --user start podman.socket (or podman system service --time=0 &), then "

@@ -471,6 +471,13 @@ def reap_orphans(runsc: Runsc) -> list[str]:
         if owner and owner_gone(owner):
             if container_id:
                 runsc.delete(container_id)
+                if os.getuid() == 0:
+                    from corral.kernel.cgroups import Cgroup
+
+                    try:
+                        Cgroup.create_at(f"/corral-gvisor/{container_id}", None).destroy()
+                    except OSError:
+                        pass
             shutil.rmtree(path, ignore_errors=True)
             reaped.append(container_id)
     return reaped

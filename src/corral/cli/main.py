@@ -86,6 +86,10 @@ def _dispatch(args: list[str]) -> int:
         from corral.cli.audit import audit_command
 
         return audit_command(rest)
+    if command == "image":
+        from corral.cli.image import image_command
+
+        return image_command(rest)
     _error(f"unknown command {command!r}; try 'corral --help'")
     return EXIT_USAGE
 
@@ -98,6 +102,7 @@ commands:
   run [FLAGS] -- CMD ARGS...   run one command in a fresh sandbox (corral run --help)
   doctor [--json]              which backends work here, and why not
   audit FILE [FILTERS]         read an audit log (corral audit --help)
+  image base|build             images for the docker and gvisor backends, no registry needed
   --version                    print the version
 
 Exit codes: the command's own; 124 timeout; 122 denied by policy; 125 corral failed;

@@ -191,10 +191,10 @@ class Cgroup:
         return None
 
     @classmethod
-    def create_at(cls, relative: str, limits: Limits) -> Cgroup:
-        """A new cgroup at `relative` below the root of the memory and cpu hierarchies, with the
-        memory and cpus of `limits`: for an OCI runtime given `relative` as its cgroupsPath, which
-        joins a cgroup that exists without touching its limits. Needs root."""
+    def create_at(cls, relative: str, limits: Limits | None) -> Cgroup:
+        """A cgroup at `relative` below the root of the memory and cpu hierarchies, with the
+        memory and cpus of `limits` (None: as it is): for an OCI runtime given `relative` as its
+        cgroupsPath, which joins a cgroup that exists without touching its limits. Needs root."""
         from corral.policy.model import Limits as _Limits
 
         mounts = _cgroup_mounts()
@@ -214,6 +214,8 @@ class Cgroup:
             raise OSError(errno.ENOTSUP, "no cgroup filesystem mounted")
         for d in cgroup.dirs.values():
             os.makedirs(d, exist_ok=True)
+        if limits is None:
+            return cgroup
         try:
             cgroup.set_limits(_Limits(memory=limits.memory, cpus=limits.cpus))
         except OSError:
