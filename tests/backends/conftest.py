@@ -70,16 +70,35 @@ def start_dockerd() -> DockerDaemon:
     runsc = shutil.which("runsc", path="/usr/bin:/usr/local/bin:/usr/sbin")
     if runsc is not None:
         # The agent connects to a host socket: runsc must allow it (--host-uds=open).
-        config["runtimes"] = {"runsc": {"path": runsc, "runtimeArgs": ["--host-uds=open", "--platform=ptrace"]}}
+        config["runtimes"] = {
+            "runsc": {"path": runsc, "runtimeArgs": ["--host-uds=open", "--network=none", "--platform=ptrace"]}
+        }
     with open(os.path.join(base, "daemon.json"), "w") as f:
         json.dump(config, f)
     socket_path = os.path.join(base, "docker.sock")
     log = os.path.join(base, "dockerd.log")
-    argv = [dockerd, "--config-file", os.path.join(base, "daemon.json"), "--bridge=none", "--iptables=false",
-            "--ip6tables=false", "--data-root", os.path.join(base, "data"), "--exec-root", os.path.join(base, "x"),
-            "-H", f"unix://{socket_path}", "--pidfile", os.path.join(base, "dockerd.pid"),
-            "--containerd-namespace", f"corral-{os.getpid()}", "--containerd-plugins-namespace",
-            f"corral-{os.getpid()}-p", "--userland-proxy=false", "--log-level=warn"]  # fmt: skip
+    argv = [
+        dockerd,
+        "--config-file",
+        os.path.join(base, "daemon.json"),
+        "--bridge=none",
+        "--iptables=false",
+        "--ip6tables=false",
+        "--data-root",
+        os.path.join(base, "data"),
+        "--exec-root",
+        os.path.join(base, "x"),
+        "-H",
+        f"unix://{socket_path}",
+        "--pidfile",
+        os.path.join(base, "dockerd.pid"),
+        "--containerd-namespace",
+        f"corral-{os.getpid()}",
+        "--containerd-plugins-namespace",
+        f"corral-{os.getpid()}-p",
+        "--userland-proxy=false",
+        "--log-level=warn",
+    ]
     with open(log, "wb") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     daemon = DockerDaemon(base, proc, socket_path, log)
@@ -100,8 +119,12 @@ def start_dockerd() -> DockerDaemon:
 def stop_dockerd(daemon: DockerDaemon) -> None:
     if daemon.proc.poll() is None:
         if _answers(daemon.socket_path):
-            subprocess.run(["docker", "-H", daemon.url, "rm", "-f", "-v", *_all_containers(daemon)],
-                           capture_output=True, check=False, timeout=60)  # fmt: skip
+            subprocess.run(
+                ["docker", "-H", daemon.url, "rm", "-f", "-v", *_all_containers(daemon)],
+                capture_output=True,
+                check=False,
+                timeout=60,
+            )
         daemon.proc.send_signal(signal.SIGTERM)
         try:
             daemon.proc.wait(timeout=30)

@@ -61,8 +61,9 @@ def wait_for(condition, timeout: float = 30.0) -> bool:  # type: ignore[no-untyp
 
 
 def test_cli_run(workdir: Path) -> None:
-    done = corral_cli("run", "--backend", "docker", "--", "sh", "-c", "echo hello > f.txt; cat f.txt; id -u",
-                      cwd=workdir)  # fmt: skip
+    done = corral_cli(
+        "run", "--backend", "docker", "--", "sh", "-c", "echo hello > f.txt; cat f.txt; id -u", cwd=workdir
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.decode().split() == ["hello", str(os.getuid())]
     assert (workdir / "f.txt").read_text() == "hello\n"
@@ -101,8 +102,12 @@ os.kill(os.getpid(), 9)
 
 
 def test_a_crash_is_reaped_by_the_next_start(engine: Engine, workdir: Path) -> None:
-    proc = subprocess.Popen([sys.executable, "-c", CRASHER, str(workdir), "docker"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": SRC})  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CRASHER, str(workdir), "docker"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": SRC},
+    )
     assert proc.stdout is not None and proc.stdin is not None
     sandbox_id = proc.stdout.readline().decode().strip()
     [container] = ours(engine, sandbox_id)
@@ -122,8 +127,12 @@ def test_a_crash_is_reaped_by_the_next_start(engine: Engine, workdir: Path) -> N
 
 def test_ctrl_c_removes_the_container(engine: Engine, workdir: Path) -> None:
     before = {c["Id"] for c in ours(engine)}
-    proc = subprocess.Popen([sys.executable, "-m", "corral", "run", "--backend", "docker", "--", "sleep", "60"],
-                            cwd=workdir, env={**os.environ, "PYTHONPATH": SRC}, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "corral", "run", "--backend", "docker", "--", "sleep", "60"],
+        cwd=workdir,
+        env={**os.environ, "PYTHONPATH": SRC},
+        start_new_session=True,
+    )
     try:
         assert wait_for(lambda: any(c["Id"] not in before and c["State"] == "running" for c in ours(engine)))
         time.sleep(0.3)  # the command is running inside
@@ -143,8 +152,11 @@ def test_the_engine_socket_is_never_inside(dockerd: DockerDaemon, workdir: Path)
 
 def test_named_image(workdir: Path, host_image: str) -> None:
     policy = corral.Policy.workspace(str(workdir)).replace(container=corral.Container(image=host_image))
-    r = corral.run(["sh", "-c", "cat /etc/passwd; ls /usr/bin; touch made; python3 -c 'print(6 * 7)'"],
-                   policy=policy, backend="docker")  # fmt: skip
+    r = corral.run(
+        ["sh", "-c", "cat /etc/passwd; ls /usr/bin; touch made; python3 -c 'print(6 * 7)'"],
+        policy=policy,
+        backend="docker",
+    )
     assert r.ok, r
     out = r.stdout_text
     assert "corral sandbox:/home/sandbox" in out, "corral's passwd over the image's /etc"
@@ -172,21 +184,33 @@ def test_image_without_python_says_so(engine: Engine, workdir: Path) -> None:
 
 def test_limits_are_named(workdir: Path) -> None:
     policy = corral.Policy.workspace(str(workdir))
-    r = corral.run(["python3", "-c", "b = bytearray(512 * 2**20)"], policy=policy.with_limits(memory=64 << 20),
-                   backend="docker", timeout=60)  # fmt: skip
+    r = corral.run(
+        ["python3", "-c", "b = bytearray(512 * 2**20)"],
+        policy=policy.with_limits(memory=64 << 20),
+        backend="docker",
+        timeout=60,
+    )
     assert r.reason == "memory" and r.returncode == -9, r
-    r = corral.run(["python3", "-c", "import os\nwhile True: os.fork() or os.pause()"],
-                   policy=policy.with_limits(pids=20), backend="docker", timeout=30)  # fmt: skip
+    r = corral.run(
+        ["python3", "-c", "import os\nwhile True: os.fork() or os.pause()"],
+        policy=policy.with_limits(pids=20),
+        backend="docker",
+        timeout=30,
+    )
     assert r.reason == "pids", r
-    r = corral.run(["sh", "-c", "head -c 2000000 /dev/zero > big"], policy=policy.with_limits(file_size=1 << 20),
-                   backend="docker")  # fmt: skip
+    r = corral.run(
+        ["sh", "-c", "head -c 2000000 /dev/zero > big"], policy=policy.with_limits(file_size=1 << 20), backend="docker"
+    )
     assert r.reason in ("file_size", "exited") and r.returncode != 0, r
     assert (workdir / "big").stat().st_size <= 1 << 20
 
 
 def test_what_a_sandbox_sees(workdir: Path) -> None:
-    r = corral.run(["sh", "-c", "cat /proc/net/dev; ls -A /sys | wc -l; cat /etc/hostname; grep -c . /proc/mounts"],
-                   policy=corral.Policy.workspace(str(workdir)), backend="docker")  # fmt: skip
+    r = corral.run(
+        ["sh", "-c", "cat /proc/net/dev; ls -A /sys | wc -l; cat /etc/hostname; grep -c . /proc/mounts"],
+        policy=corral.Policy.workspace(str(workdir)),
+        backend="docker",
+    )
     assert r.ok, r
     lines = r.stdout_text.splitlines()
     interfaces = [ln.split(":")[0].strip() for ln in lines if ":" in ln and "|" not in ln]
@@ -214,8 +238,13 @@ def _probe_with(env: dict[str, str], *, user: int | None = None) -> dict[str, ob
     argv = [sys.executable, "-c", code]
     if user is not None:
         argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *argv]
-    full = {"PATH": os.environ["PATH"], "PYTHONPATH": SRC, "HOME": "/nonexistent", "XDG_CACHE_HOME": "/nonexistent",
-            **env}  # fmt: skip
+    full = {
+        "PATH": os.environ["PATH"],
+        "PYTHONPATH": SRC,
+        "HOME": "/nonexistent",
+        "XDG_CACHE_HOME": "/nonexistent",
+        **env,
+    }
     done = subprocess.run(argv, capture_output=True, env=full, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     caps: dict[str, object] = json.loads(done.stdout)
@@ -255,10 +284,17 @@ def test_doctor_remote_engine_refused() -> None:
 
 
 def test_doctor_without_the_docker_package() -> None:
-    code = ("import sys, json; sys.modules['docker'] = None\nfrom corral.backends import registry\n"
-            "print(json.dumps(registry.create('docker').probe().as_json()))")  # fmt: skip
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, env={**os.environ, "PYTHONPATH": SRC},
-                          timeout=60, check=False)  # fmt: skip
+    code = (
+        "import sys, json; sys.modules['docker'] = None\nfrom corral.backends import registry\n"
+        "print(json.dumps(registry.create('docker').probe().as_json()))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        env={**os.environ, "PYTHONPATH": SRC},
+        timeout=60,
+        check=False,
+    )
     caps = json.loads(done.stdout)
     assert caps["available"] is False and "pip install" in caps["fix"]
 

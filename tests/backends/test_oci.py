@@ -26,8 +26,14 @@ def rp(*, network: str = "none", limits: Limits | None = None) -> ResolvedPolicy
             Mount(kind="ro-bind", source="/etc/ssl", dest="/etc/ssl"),
             Mount(kind="symlink", source="/usr/share/zoneinfo/UTC", dest="/etc/localtime"),
         ),
-        etc_files=(("passwd", b"p"), ("group", b"g"), ("hosts", b"h"), ("hostname", b"n"),
-                   ("resolv.conf", b"r"), ("nsswitch.conf", b"s")),  # fmt: skip
+        etc_files=(
+            ("passwd", b"p"),
+            ("group", b"g"),
+            ("hosts", b"h"),
+            ("hostname", b"n"),
+            ("resolv.conf", b"r"),
+            ("nsswitch.conf", b"s"),
+        ),
         env=tuple(Env().build({}, home="/home/sandbox").items()),
         cwd="/work",
         home="/home/sandbox",
@@ -41,8 +47,9 @@ def rp(*, network: str = "none", limits: Limits | None = None) -> ResolvedPolicy
 
 
 def test_mounts_with_the_host_system() -> None:
-    mounts = container_mounts(rp(), host_system=True, etc="dir", etc_dir="/s/etc", agent_dir="/site/agent",
-                              run_dir="/s/run", uid=0, gid=0)  # fmt: skip
+    mounts = container_mounts(
+        rp(), host_system=True, etc="dir", etc_dir="/s/etc", agent_dir="/site/agent", run_dir="/s/run", uid=0, gid=0
+    )
     assert mounts == (
         MountSpec(kind="bind", source="/usr", dest="/usr", readonly=True),
         MountSpec(kind="bind", source="/s/etc", dest="/etc", readonly=True),
@@ -61,8 +68,17 @@ def test_mounts_with_the_host_system() -> None:
 
 
 def test_mounts_over_an_image() -> None:
-    mounts = container_mounts(rp(), host_system=False, etc="files", etc_dir="/s/etc", agent_dir="/site/agent",
-                              run_dir="/s/run", python_prefix="/opt/py", uid=1000, gid=100)  # fmt: skip
+    mounts = container_mounts(
+        rp(),
+        host_system=False,
+        etc="files",
+        etc_dir="/s/etc",
+        agent_dir="/site/agent",
+        run_dir="/s/run",
+        python_prefix="/opt/py",
+        uid=1000,
+        gid=100,
+    )
     assert [(m.kind, m.source, m.dest) for m in mounts[:9]] == [
         ("bind", "/s/etc/passwd", "/etc/passwd"),
         ("bind", "/s/etc/group", "/etc/group"),
@@ -82,20 +98,46 @@ def test_skeleton_for_a_bundle() -> None:
     mounts = container_mounts(rp(), host_system=True, etc="rootfs", agent_dir="/site/agent", uid=0, gid=0)
     skel = skeleton(rp(), mounts, etc_files=(("passwd", b"p"),), file_dests=frozenset({"/work/data"}))
     assert skel.dirs == (
-        "/proc", "/dev", "/sys", "/tmp", "/etc", "/run", "/var", "/var/tmp", "/home", "/root", "/.corral",
-        "/.corral/run", "/usr", "/etc/ssl", "/.corral/agent", "/work", "/home/sandbox",
-    )  # fmt: skip
+        "/proc",
+        "/dev",
+        "/sys",
+        "/tmp",
+        "/etc",
+        "/run",
+        "/var",
+        "/var/tmp",
+        "/home",
+        "/root",
+        "/.corral",
+        "/.corral/run",
+        "/usr",
+        "/etc/ssl",
+        "/.corral/agent",
+        "/work",
+        "/home/sandbox",
+    )
     assert skel.symlinks == (("/bin", "usr/bin"), ("/etc/localtime", "/usr/share/zoneinfo/UTC"))
     assert skel.files == (("/etc/passwd", b"p"), ("/work/data", b""))
 
 
 def test_oci_config_exact() -> None:
     policy = rp(limits=Limits(memory=64 << 20, pids=50, cpus=1.5, file_size=1 << 20, open_files=64))
-    mounts = (MountSpec(kind="bind", source="/srv/p", dest="/work"),
-              MountSpec(kind="tmpfs", dest="/tmp", options=("size=1024", "mode=1777")))  # fmt: skip
-    config = oci_config(policy, mounts, args=["python3", "/.corral/agent/main.py"], env=[("CORRAL_AGENT_FD", "0")],
-                        rootfs="rootfs", uid=1000, gid=1000, annotations=[("corral.sandbox", "abc")],
-                        cgroups_path="/corral-gvisor/x", pids_cgroup=False)  # fmt: skip
+    mounts = (
+        MountSpec(kind="bind", source="/srv/p", dest="/work"),
+        MountSpec(kind="tmpfs", dest="/tmp", options=("size=1024", "mode=1777")),
+    )
+    config = oci_config(
+        policy,
+        mounts,
+        args=["python3", "/.corral/agent/main.py"],
+        env=[("CORRAL_AGENT_FD", "0")],
+        rootfs="rootfs",
+        uid=1000,
+        gid=1000,
+        annotations=[("corral.sandbox", "abc")],
+        cgroups_path="/corral-gvisor/x",
+        pids_cgroup=False,
+    )
     no_caps: list[str] = []
     assert config == {
         "ociVersion": "1.0.2",
@@ -105,8 +147,13 @@ def test_oci_config_exact() -> None:
             "args": ["python3", "/.corral/agent/main.py"],
             "env": ["CORRAL_AGENT_FD=0"],
             "cwd": "/",
-            "capabilities": {"bounding": no_caps, "effective": no_caps, "inheritable": no_caps,
-                             "permitted": no_caps, "ambient": no_caps},  # fmt: skip
+            "capabilities": {
+                "bounding": no_caps,
+                "effective": no_caps,
+                "inheritable": no_caps,
+                "permitted": no_caps,
+                "ambient": no_caps,
+            },
             "rlimits": [
                 {"type": "RLIMIT_CORE", "hard": 0, "soft": 0},
                 {"type": "RLIMIT_FSIZE", "hard": 1 << 20, "soft": 1 << 20},
@@ -118,21 +165,46 @@ def test_oci_config_exact() -> None:
         "hostname": "corral",
         "mounts": [
             {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
-            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
-             "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
-            {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
-             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
-            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
-             "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=67108864"]},
+            {
+                "destination": "/dev",
+                "type": "tmpfs",
+                "source": "tmpfs",
+                "options": ["nosuid", "strictatime", "mode=755", "size=65536k"],
+            },
+            {
+                "destination": "/dev/pts",
+                "type": "devpts",
+                "source": "devpts",
+                "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"],
+            },
+            {
+                "destination": "/dev/shm",
+                "type": "tmpfs",
+                "source": "shm",
+                "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=67108864"],
+            },
             {"destination": "/work", "type": "bind", "source": "/srv/p", "options": ["rbind", "nosuid", "nodev", "rw"]},
-            {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
-             "options": ["nosuid", "nodev", "size=1024", "mode=1777"]},
-        ],  # fmt: skip
+            {
+                "destination": "/tmp",
+                "type": "tmpfs",
+                "source": "tmpfs",
+                "options": ["nosuid", "nodev", "size=1024", "mode=1777"],
+            },
+        ],
         "linux": {
             "namespaces": [{"type": "pid"}, {"type": "network"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}],
-            "maskedPaths": ["/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
-                            "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi",
-                            "/sys/firmware"],  # fmt: skip
+            "maskedPaths": [
+                "/proc/acpi",
+                "/proc/asound",
+                "/proc/kcore",
+                "/proc/keys",
+                "/proc/latency_stats",
+                "/proc/timer_list",
+                "/proc/timer_stats",
+                "/proc/sched_debug",
+                "/proc/scsi",
+                "/sys/firmware",
+            ],
             "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"],
             "resources": {"memory": {"limit": 64 << 20, "swap": 64 << 20}, "cpu": {"quota": 150000, "period": 100000}},
             "cgroupsPath": "/corral-gvisor/x",

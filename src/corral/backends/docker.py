@@ -47,7 +47,9 @@ ALWAYS = frozenset(
     }
 )
 PROBE_SCRIPT = (
-    "cat /.corral-probe/marker; grep -E '^(Seccomp|NoNewPrivs|CapEff):' /proc/self/status; "
+    "cat /.corral-probe/marker; grep -E '^(Seccomp|CapEff):' /proc/self/status; "
+    # prctl(PR_GET_NO_NEW_PRIVS) rather than /proc/self/status, which old gVisor lacks the line in
+    "python3 -c 'import ctypes; print(\"NoNewPrivs:\", ctypes.CDLL(None).prctl(39, 0, 0, 0, 0))'; "
     "cat /etc/shadow >/dev/null 2>&1 && echo SHADOW-READABLE; "
     "touch /usr/.corral-probe 2>/dev/null && echo USR-WRITABLE; exit 0"
 )
@@ -157,6 +159,7 @@ class DockerBackend(Backend):
         import socket
 
         from corral.agent.client import AgentClient
+        from corral.agent.confine import landlock_abi
         from corral.backends.containers import (
             FIND_PYTHON,
             LABEL_BACKEND,
@@ -239,7 +242,8 @@ class DockerBackend(Backend):
             listener = None
             client = AgentClient(conn)
             landlock = None
-            if host_system:
+            if host_system and self.runtime is None and landlock_abi() > 0:
+                # a second wall behind the mounts, as in the namespace backend (gVisor has no Landlock)
                 landlock = landlock_rules(rp)
                 ro = landlock.get("ro")
                 landlock["ro"] = [*ro, RUN_DIR] if isinstance(ro, list) else [RUN_DIR]

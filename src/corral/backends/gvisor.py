@@ -11,7 +11,7 @@ Two roads, chosen by the policy:
   among systrap, kvm and ptrace (or `CORRAL_GVISOR_PLATFORM`), remembered per runsc version.
 - **runsc as an engine runtime**, for a named image: the `docker` backend with the `runsc`
   runtime, which the engine must have registered with `--host-uds=open` (the agent connects to a
-  host socket) — `corral doctor` says how.
+  host socket), best with `--network=none` too — `corral doctor` says how.
 
 Sandboxes started directly are recorded under a private state directory (`runsc --root`); the
 next start kills and deletes any whose owner process is gone.
@@ -118,17 +118,28 @@ class _EngineRuntime(DockerBackend):
             raise BackendUnavailable(
                 self.name,
                 f"the engine ({engine.describe}) has no '{RUNSC_RUNTIME}' runtime registered",
-                fix="sudo runsc install -- --host-uds=open && sudo systemctl restart docker "
+                fix="sudo runsc install -- --host-uds=open --network=none && sudo systemctl restart docker "
                 "(adds runsc to /etc/docker/daemon.json)",
             )
-        raw = runtimes[RUNSC_RUNTIME].get("runtimeArgs")
-        args = [str(a) for a in raw] if isinstance(raw, list) else []
+        args = self._runtime_args(engine)
         if not any(a in HOST_UDS_ARGS for a in args):
             raise BackendUnavailable(
                 self.name,
                 f"the engine's runsc runtime does not let a sandbox reach a host socket (runtimeArgs {args})",
                 fix='add "--host-uds=open" to runtimeArgs of runsc in /etc/docker/daemon.json, then restart the daemon',
             )
+
+    def start(self, rp: ResolvedPolicy, *, sandbox_id: str, events: EventSink | None = None) -> LiveSandbox:
+        args = self._runtime_args(self.engine)
+        if rp.network.mode == "host" and "--network=none" in args:
+            raise UnsupportedPolicy(self.name, ("network mode 'host' (the engine's runsc runtime runs with "
+                                                "--network=none)",))  # fmt: skip
+        return super().start(rp, sandbox_id=sandbox_id, events=events)
+
+    @staticmethod
+    def _runtime_args(engine: Engine) -> list[str]:
+        raw = engine.runtimes.get(RUNSC_RUNTIME, {}).get("runtimeArgs")
+        return [str(a) for a in raw] if isinstance(raw, list) else []
 
     def launch_fix(self) -> str:
         return "check the runsc runtime (runsc logs: add --debug-log to its runtimeArgs); corral doctor shows details"
@@ -425,6 +436,8 @@ class GVisorSandbox(AgentSandbox):
         on_output: OutputCallback | None = None,
         output: tuple[int, int] | None = None,
     ) -> Result:
+        if self._stopped and self.memory_exhausted:
+            raise SandboxLost(f"sandbox {self.id} ended: its memory limit was exceeded")
         started = time.monotonic()
         try:
             return super().exec(
