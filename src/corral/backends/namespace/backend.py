@@ -188,7 +188,7 @@ class NamespaceBackend(Backend):
         agent_rp = rp.replace(env=(*rp.env, ("CORRAL_AGENT_FD", str(agent_fd))))
         try:
             launched = launch(self.bwrap, agent_rp, command, cgroups=self.cgroups, stdio=(null_fd, log_fd, log_fd),
-                              pass_fds=[agent_fd], extras=extras, want_pids_cgroup=True)  # fmt: skip
+                              pass_fds=[agent_fd], extras=extras, want_pids_cgroup=True, as_pid_1=True)  # fmt: skip
         except BaseException:
             host_sock.close()
             os.close(log_fd)

@@ -211,6 +211,7 @@ def launch(
     pass_fds: Sequence[int] = (),
     extras: Extras | None = None,
     want_pids_cgroup: bool = False,
+    as_pid_1: bool = False,
 ) -> Launched:
     """Start `command` in a new sandbox. The caller owns the result and must `release()` it.
 
@@ -233,7 +234,9 @@ def launch(
         block_r, block_w = os.pipe2(os.O_CLOEXEC)
         opened += [block_r, block_w]
         fds = LaunchFds(seccomp=seccomp_fd, status=status_w, block=block_r, etc=tuple(etc))
-        argv = bwrap_argv(bwrap.path, rp, command, fds=fds, extras=extras, tmpfs_size=bwrap.supports_size)
+        argv = bwrap_argv(
+            bwrap.path, rp, command, fds=fds, extras=extras, tmpfs_size=bwrap.supports_size, as_pid_1=as_pid_1
+        )
         limits = rp.limits
         if limits.cpus is not None and "cpu" not in cgroups.controllers:
             raise UnsupportedPolicy("namespace", ("limits.cpus (no cpu cgroup controller here)",))
