@@ -85,6 +85,10 @@ def _dispatch(args: list[str]) -> int:
         from corral.cli.audit import audit_command
 
         return audit_command(rest)
+    if command == "selftest":
+        from corral.cli.selftest import selftest_command
+
+        return selftest_command(rest)
     _error(f"unknown command {command!r}; try 'corral --help'")
     return EXIT_USAGE
 
@@ -97,6 +101,7 @@ commands:
   run [FLAGS] -- CMD ARGS...   run one command in a fresh sandbox (corral run --help)
   doctor [--json]              which backends work here, and why not
   audit FILE [FILTERS]         read an audit log (corral audit --help)
+  selftest [--backend B]       run the escape battery here: which attacks each backend stops
   --version                    print the version
 
 Exit codes: the command's own; 124 timeout; 122 denied by policy; 125 corral failed;
