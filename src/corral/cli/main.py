@@ -33,9 +33,9 @@ RUN_FLAGS: dict[str, tuple[str | None, bool, str]] = {
     "--zone": ("HOST[:MOUNT][:ro|rw]", True, "add a zone (read-only unless :rw)"),
     "--tmpfs": ("MOUNT[:SIZE]", True, "add a tmpfs zone"),
     "--net": ("MODE", False, "none (default), host, or allow:DOMAIN[:PORT],..."),
-    "--memory": ("SIZE", False, "memory limit, e.g. 512M"),
+    "--memory": ("SIZE", False, "memory limit, e.g. 512M (unlimited: none)"),
     "--cpus": ("N", False, "CPU limit, e.g. 1.5"),
-    "--pids": ("N", False, "process limit"),
+    "--pids": ("N", False, "process limit (unlimited: none)"),
     "--timeout": ("DURATION", False, "wall-time limit, e.g. 30s, 2m"),
     "--output": ("SIZE", False, "output limit (stdout + stderr)"),
     "--file-size": ("SIZE", False, "largest file the command may write"),
@@ -174,13 +174,16 @@ def build_policy(opts: dict[str, object]) -> tuple[object, str | None, str | Non
     if "--net" in opts:
         policy = policy.replace(network=Network.parse(str(opts["--net"])))
     limits: dict[str, object] = {}
+    unlimited = [field for flag, field in _LIMIT_FLAGS if _opt(opts, flag) in ("unlimited", "none")]
+    if unlimited:
+        policy = policy.replace(limits=policy.limits.replace(**dict.fromkeys(unlimited)))
     for flag, field, parse in (
         ("--memory", "memory", "size"), ("--output", "output", "size"), ("--file-size", "file_size", "size"),
         ("--timeout", "timeout", "duration"), ("--pids", "pids", "int"), ("--open-files", "open_files", "int"),
         ("--cpus", "cpus", "float"),
     ):  # fmt: skip
         text = _opt(opts, flag)
-        if text is None:
+        if text is None or text in ("unlimited", "none"):
             continue
         if parse == "size":
             limits[field] = parse_size(text, where=flag)
@@ -212,6 +215,12 @@ def build_policy(opts: dict[str, object]) -> tuple[object, str | None, str | Non
         policy = policy.replace(uid=int(_number(str(opts["--uid"]), "--uid", integer=True)))
     backend = _opt(opts, "--backend") or config.backend
     return policy, backend, _opt(opts, "--min-backend") or config.min_backend, _opt(opts, "--audit") or config.audit
+
+
+_LIMIT_FLAGS = (
+    ("--memory", "memory"), ("--output", "output"), ("--file-size", "file_size"), ("--timeout", "timeout"),
+    ("--pids", "pids"), ("--open-files", "open_files"), ("--cpus", "cpus"),
+)  # fmt: skip
 
 
 def _opt(opts: dict[str, object], name: str) -> str | None:

@@ -145,7 +145,7 @@ class NamespaceBackend(Backend):
             ours.append(in_fd)
         started = time.monotonic()
         try:
-            launched = launch(self.bwrap, rp, argv, cgroups=self.cgroups, stdio=(in_fd, *out_fds))
+            launched = launch(self.bwrap, rp, argv, cgroups=lambda: self.cgroups, stdio=(in_fd, *out_fds))
         except BaseException:
             for fd in readers.values():
                 os.close(fd)
