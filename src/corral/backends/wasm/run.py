@@ -105,9 +105,9 @@ class _State:
                 self.data[name] += visible[:room]
             if len(visible) < len(chunk) or len(visible) > room:
                 self.truncated[name] = True
-        elif visible:
+        elif visible:  # straight to the caller's descriptors, as a process would write them
             _write_all(self.output_fds[0 if name == "stdout" else 1], visible)
-        if self.on_output is not None and visible:
+        if self.on_output is not None and visible and self.output_fds is None:
             try:
                 self.on_output(name, visible)
             except Exception:  # a broken consumer must not break the module's write
