@@ -222,14 +222,14 @@ def execute(
     if state.output_exceeded:
         return _stopped(argv, "output", f"killed: output limit {format_size(output_limit or 0)} exceeded",
                         state, started, peak)  # fmt: skip
+    if state.timed_out:  # trapped at a tick, or woken from a sleep by the deadline
+        return _stopped(argv, "timeout", f"timed out after {format_duration(timeout or 0)}", state, started, peak)
     if code is not None:
         if code != 0 and memory is not None and _grow_failed(instance, store):
             return _result(argv, code, "memory", f"memory limit {format_size(memory)} reached (exit status {code})",
                            state, started, peak)  # fmt: skip
         return _result(argv, code, "exited", "" if code == 0 else f"exit status {code}", state, started, peak)
     assert trap is not None
-    if state.timed_out:
-        return _stopped(argv, "timeout", f"timed out after {format_duration(timeout or 0)}", state, started, peak)
     if state.cancel.is_set():
         return _stopped(argv, "signal", "stopped: the sandbox was stopped", state, started, peak)
     if trap_code is not None and getattr(trap_code, "name", "") == "OUT_OF_FUEL":
@@ -261,13 +261,23 @@ def _stopped(argv: Sequence[str], reason: Reason, detail: str, state: _State, st
 
 
 def _trapped(argv: Sequence[str], message: str, state: _State, started: float, peak: int | None) -> Result:
-    # The whole trap message (with its wasm backtrace) goes to stderr; the detail keeps the first line.
+    # The whole trap message (with its wasm backtrace) goes to stderr; the detail keeps its cause.
     text = message.strip()
-    line = _first_line(text).removeprefix("error while executing at wasm backtrace:").strip()
-    if "wasm trap:" in text:
-        line = "wasm trap:" + text.split("wasm trap:", 1)[1].splitlines()[0]
     state.write("stderr", f"corral: the module trapped: {text}\n".encode())
-    return _result(argv, EXIT_TRAP, "trap", f"trapped: {line}", state, started, peak)
+    return _result(argv, EXIT_TRAP, "trap", f"trapped: {trap_cause(text)}", state, started, peak)
+
+
+def trap_cause(text: str) -> str:
+    """The line of a wasmtime error that says what went wrong (not the backtrace)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in lines:
+        if line.startswith("wasm trap:"):
+            return line
+    if "Caused by:" in lines:
+        cause = lines[lines.index("Caused by:") + 1 :]
+        if cause:
+            return cause[0].split(": ", 1)[1] if cause[0][:1].isdigit() and ": " in cause[0] else cause[0]
+    return lines[0] if lines else "error"
 
 
 def _memory_size(instance: wasmtime.Instance, store: wasmtime.Store) -> int | None:
