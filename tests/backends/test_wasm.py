@@ -347,22 +347,38 @@ import os
 print(open('/data/input.txt').read().strip())
 open('{project}/made.txt', 'w').write('made inside')
 open('relative.txt', 'w').write('relative')
-paths = ['/data/new.txt', '/etc/passwd', '{secret}', '{project}/escape', '{project}/../secret.txt',
-         '/proc/self/environ']
-for path in paths:
+attempts = [
+    lambda: open('/data/new.txt', 'w'),
+    lambda: open('/data/input.txt', 'a'),
+    lambda: os.truncate('/data/input.txt', 0),
+    lambda: os.mkdir('/data/dir'),
+    lambda: os.remove('/data/input.txt'),
+    lambda: os.rename('/data/input.txt', '{project}/moved.txt'),
+    lambda: os.link('/data/input.txt', '{project}/hardlink.txt'),
+    lambda: open('/etc/passwd'),
+    lambda: open('{secret}'),
+    lambda: open('{project}/escape'),
+    lambda: open('{project}/../secret.txt'),
+    lambda: open('/proc/self/environ'),
+]
+for attempt in attempts:
     try:
-        with open(path, 'a' if path.startswith('/data') else 'r') as f:
-            print('OPENED', path)
+        attempt()
+        print('ALLOWED')
     except OSError as exc:
         print('refused', type(exc).__name__)
+# WASI's '.' preopen (the working directory) matches any path no other zone does: '/' shows the project.
+print(sorted(os.listdir('/')))
 """
     r = corral.run_code(code, policy=policy_for(project, corral.Zone.ro(str(ro), "/data")), backend="wasm")
     assert r.ok, r.stderr_text
     assert r.stdout_text.startswith("read me\n"), r.stdout_text
-    assert "OPENED" not in r.stdout_text and r.stdout_text.count("refused") == 6, r.stdout_text
+    assert "ALLOWED" not in r.stdout_text and r.stdout_text.count("refused") == 12, r.stdout_text
+    assert r.stdout_text.splitlines()[-1] == str(sorted(os.listdir(project))), r.stdout_text
     assert (project / "made.txt").read_text() == "made inside"
     assert (project / "relative.txt").read_text() == "relative"
-    assert not (ro / "new.txt").exists()
+    assert sorted(os.listdir(ro)) == ["input.txt"] and (ro / "input.txt").read_text() == "read me\n"
+    assert not (project / "moved.txt").exists() and not (project / "hardlink.txt").exists()
 
 
 @needs_python

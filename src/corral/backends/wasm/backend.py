@@ -6,7 +6,8 @@ WASI CPython (see runtime.py). What the module sees:
 
 - zones as preopened directories at their mount points (`ro` zones refuse every change: wasmtime
   opens them without write rights), tmpfs zones as private host directories removed at stop, the
-  working directory as `.` (WASI has no current directory; relative paths resolve there);
+  working directory as `.` (WASI has no current directory; relative paths resolve there, and so
+  does an absolute path no zone covers, as with `wasmtime run --dir .`);
 - a clean environment (the policy's), argv, stdin, stdout and stderr;
 - nothing else: no other files, no network (WASI preview 1 has no sockets), no processes.
 
