@@ -109,13 +109,17 @@ class WasmBackend(Backend):
             python = f"python: {runtime.describe()}"
         except BackendUnavailable as exc:
             python = f"python: not available ({exc.reason}; fix: {exc.fix})"
-        import wasmtime
+        from importlib.metadata import PackageNotFoundError, version
 
+        try:
+            wasmtime_version = f"wasmtime {version('wasmtime')}"
+        except PackageNotFoundError:
+            wasmtime_version = "wasmtime"
         return Capabilities(
             name=self.name, available=True, strength=self.strength, enforces=ENFORCES,
             limits_via="wasmtime (store limits, epoch interruption)",
             notes=(
-                f"wasmtime {getattr(wasmtime, '__version__', '') or 'from PyPI'}, in this process; runs WASI preview 1 "
+                f"{wasmtime_version}, in this process; runs WASI preview 1 "
                 "modules (argv[0] a .wasm or .wat file) and python, not shell commands",
                 python,
                 "memory limits the module's linear memory",
