@@ -50,6 +50,7 @@ def rows(runs: int) -> list[tuple[str, float]]:
     from corral.policy.resolve import resolve
 
     work = tempfile.mkdtemp(prefix="corral-bench-wasm-")
+    os.chdir(work)  # the caller's directory may be gone (bench/startup.py removes its own)
     cache = os.path.join(work, "corral", "wasm")  # where the CLI looks with XDG_CACHE_HOME=work
     hello = os.path.join(work, "hello.wat")
     with open(hello, "w") as f:
@@ -96,6 +97,7 @@ def rows(runs: int) -> list[tuple[str, float]]:
                                    check=True, capture_output=True), runs_cli)))  # fmt: skip
     out.append(("CLI: python -c 'import wasmtime' (floor)", median_ms(
         lambda: subprocess.run([sys.executable, "-c", "import wasmtime"], check=True), runs_cli)))  # fmt: skip
+    os.chdir(tempfile.gettempdir())
     shutil.rmtree(work, ignore_errors=True)
     return out
 
