@@ -16,6 +16,7 @@ import pytest
 import corral
 from corral.backends.base import Result
 from corral.errors import ConfigError, PolicyDenied, UnsupportedPolicy
+from corral.policy.resolve import resolve
 from tests.conftest import corral_cli
 
 wasmtime = pytest.importorskip("wasmtime", reason="wasmtime is not installed (pip install 'corral[wasm]')")
@@ -205,6 +206,29 @@ def test_stdin_reaches_the_module(project: Path) -> None:
     """)
     r = run(project, [write_module(project, "echo.wat", echo)], input=b"piped in")
     assert r.ok and r.stdout == b"piped in", r
+
+
+def test_stdin_from_host_descriptors(project: Path) -> None:
+    echo = wat("""
+      (func (export "_start")
+        (i32.store (i32.const 20) (i32.const 1024)) (i32.store (i32.const 24) (i32.const 100))
+        (drop (call $fd_read (i32.const 0) (i32.const 20) (i32.const 1) (i32.const 28)))
+        (call $print (i32.const 1024) (i32.load (i32.const 28))))
+    """)
+    prog = write_module(project, "echo.wat", echo)
+    rp = resolve(policy_for(project))
+    (project / "in.txt").write_bytes(b"from a file")
+    with open(project / "in.txt", "rb") as f:
+        r = WasmBackend().run(rp, [prog], sandbox_id="t", stdin=f.fileno())
+    assert r.stdout == b"from a file", r
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"from a pipe")
+    os.close(write_end)
+    try:
+        r = WasmBackend().run(rp, [prog], sandbox_id="t", stdin=read_end)
+    finally:
+        os.close(read_end)
+    assert r.stdout == b"from a pipe", r
 
 
 # ---------------------------------------------------------------------- bad input

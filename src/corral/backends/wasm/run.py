@@ -350,7 +350,7 @@ def _set_stdin(wasi: wasmtime.WasiConfig, stdin: bytes | int | None, deadline: f
     if isinstance(stdin, int):
         st = os.fstat(stdin)
         if stat.S_ISREG(st.st_mode):
-            wasi.stdin_file(f"/proc/self/fd/{stdin}")
+            wasi.stdin_file = f"/proc/self/fd/{stdin}"
             return
         stdin = b"" if os.isatty(stdin) else _read_to_eof(stdin, deadline)
     data = stdin or b""
