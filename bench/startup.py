@@ -5,6 +5,7 @@
 Rows: plain fork+exec of /bin/true (subprocess.run), raw bubblewrap (a typical hand-written
 sandbox), corral's one-shot API, an exec in a live corral sandbox, the `corral run` CLI, and a
 policy decision. Ratios are against the same run's baselines; targets from the core issue.
+Then the WebAssembly rows from bench/wasm.py (cold and warm starts), when wasmtime is installed.
 """
 
 from __future__ import annotations
@@ -117,7 +118,20 @@ def main() -> int:
         print("      (~5-15 ms on this kernel); as an ordinary user it is a free RLIMIT_NPROC in the sandbox's")
         print("      own user namespace. See docs/performance.md.")
     shutil.rmtree(work, ignore_errors=True)
+    wasm_rows(runs)
     return 0
+
+
+def wasm_rows(runs: int) -> None:
+    """bench/wasm.py, beside this file."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "wasm.py")
+    spec = importlib.util.spec_from_file_location("corral_bench_wasm", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.report(runs)
 
 
 if __name__ == "__main__":

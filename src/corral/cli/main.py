@@ -61,6 +61,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         code = 130
     if argv is None:
+        if "corral.backends.wasm.run" in sys.modules:
+            # wasmtime's I/O threads can panic while the process runs its exit handlers: leave at once.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            import os
+
+            os._exit(code)
         sys.exit(code)
     return code
 
@@ -77,6 +84,10 @@ def _dispatch(args: list[str]) -> int:
     command, rest = args[0], args[1:]
     if command == "run":
         return run_command(rest)
+    if command == "run-code":
+        from corral.cli.code import run_code_command
+
+        return run_code_command(rest)
     if command == "doctor":
         from corral.cli.doctor import doctor_command
 
@@ -99,6 +110,7 @@ Run an AI agent's commands inside a sandbox.
 
 commands:
   run [FLAGS] -- CMD ARGS...   run one command in a fresh sandbox (corral run --help)
+  run-code [FLAGS] FILE.py     run Python code in a fresh sandbox (corral run-code --help)
   doctor [--json]              which backends work here, and why not
   audit FILE [FILTERS]         read an audit log (corral audit --help)
   selftest [--backend B]       run the escape battery here: which attacks each backend stops
