@@ -46,6 +46,7 @@ FEATURES = {
     "limits.output": "the output limit",
     "limits.file_size": "the file size limit",
     "limits.open_files": "the open files limit",
+    "exec.commands": "runs programs of the system view (a shell, python3), not only WebAssembly modules",
 }
 
 

@@ -65,6 +65,11 @@ def run_selftest(
             if not caps.available:
                 unavailable[name] = caps.reason
                 continue
+            if "exec.commands" not in caps.enforces:
+                unavailable[name] = (
+                    "runs WebAssembly modules, not commands: the battery (shell and python3) does not apply"
+                )
+                continue
             for attack in BATTERY:
                 outcome = _one(attack, backend, caps.enforces, base)
                 outcomes.append(outcome)

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from corral.policy.resolve import ResolvedPolicy
 
 ALWAYS = frozenset({
+    "exec.commands",
     "fs.isolation", "fs.remap", "fs.tmpfs", "proc.isolation", "net.none", "net.host",
     "syscall.filter", "limits.timeout", "limits.output", "limits.file_size", "limits.open_files",
 })  # fmt: skip
