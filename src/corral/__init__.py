@@ -2,6 +2,7 @@
 
     import corral
     r = corral.run(["pytest", "-q"], policy=corral.Policy.workspace("."))
+    r = corral.run_code("print(2 + 2)")     # Python in a WebAssembly sandbox (or the system python3)
     with corral.Sandbox(corral.Policy.workspace("."), backend="auto") as sb:
         sb.exec(["make"]); sb.exec(["./a.out"])
 
@@ -14,6 +15,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "run": "corral.sandbox",
+    "run_code": "corral.code",
     "Sandbox": "corral.sandbox",
     "AskRequest": "corral.sandbox",
     "Result": "corral.backends.base",
@@ -42,12 +44,14 @@ __all__ = [
     "AskRequest", "AuditLog", "BackendError", "BackendUnavailable", "Capabilities", "CommandFailed", "Commands",
     "ConfigError", "Container", "CorralError", "Env", "LaunchError", "Limits", "Network", "Policy", "PolicyDenied",
     "Result", "Sandbox", "SandboxLost", "UnsupportedPolicy", "Zone", "__version__", "load_policy", "run",
+    "run_code",
 ]  # fmt: skip
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from corral.audit import AuditLog
     from corral.backends.base import Capabilities, CommandFailed, Result
+    from corral.code import run_code
     from corral.errors import (
         BackendError,
         BackendUnavailable,

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 ALWAYS = frozenset(
     {
+        "exec.commands",
         "fs.isolation",
         "fs.remap",
         "fs.tmpfs",
