@@ -2,8 +2,9 @@
 
 `docker_host` starts a private `dockerd` (its own data root, exec root, socket and containerd
 namespace; no bridge, no iptables: sandboxes have no network anyway) with the `runsc` runtime
-registered when gVisor is installed, points DOCKER_HOST at it for the session and stops it at the
-end. A test that needs it is skipped, with the reason, when dockerd cannot start here.
+registered when gVisor is installed, and stops it at the end of the session; `docker_host` points
+DOCKER_HOST at it for one test. A test that needs it is skipped, with the reason, when dockerd
+cannot start here.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from collections.abc import Iterator
 import pytest
 
 from corral.backends import registry
-from corral.backends.base import Capabilities
+from corral.backends.base import Backend, Capabilities
 
 DOCKERD_START_TIMEOUT = 60.0
 
@@ -149,32 +150,35 @@ def _all_containers(daemon: DockerDaemon) -> list[str]:
 @pytest.fixture(scope="session")
 def dockerd() -> Iterator[DockerDaemon]:
     daemon = start_dockerd()
-    old = os.environ.get("DOCKER_HOST")
-    os.environ["DOCKER_HOST"] = daemon.url
     try:
         yield daemon
     finally:
-        if old is None:
-            os.environ.pop("DOCKER_HOST", None)
-        else:
-            os.environ["DOCKER_HOST"] = old
         stop_dockerd(daemon)
 
 
-def container_backend(name: str) -> tuple[object, Capabilities]:
-    """The backend and its capabilities (probed afresh), or a skip saying why it does not work here."""
-    backend = registry.create(name)
-    caps = registry.probe(backend, fresh=True)
+@pytest.fixture
+def docker_host(dockerd: DockerDaemon, monkeypatch: pytest.MonkeyPatch) -> DockerDaemon:
+    """The private dockerd, as DOCKER_HOST for this test only (other tests see the host's own setting)."""
+    monkeypatch.setenv("DOCKER_HOST", dockerd.url)
+    return dockerd
+
+
+_PROBED: dict[str, tuple[Backend, Capabilities]] = {}
+
+
+def container_backend(name: str) -> tuple[Backend, Capabilities]:
+    """The backend and its capabilities (probed afresh once per session and DOCKER_HOST), or a skip
+    saying why it does not work here."""
+    key = f"{name}|{os.environ.get('DOCKER_HOST', '')}"
+    if key not in _PROBED:
+        backend = registry.create(name)
+        _PROBED[key] = (backend, registry.probe(backend, fresh=True))
+    backend, caps = _PROBED[key]
     if not caps.available:
         pytest.skip(f"{name} unavailable here: {caps.reason} (fix: {caps.fix})")
     return backend, caps
 
 
-@pytest.fixture(scope="session")
-def docker_ok(dockerd: DockerDaemon) -> Capabilities:
+@pytest.fixture
+def docker_ok(docker_host: DockerDaemon) -> Capabilities:
     return container_backend("docker")[1]
-
-
-@pytest.fixture(scope="session")
-def gvisor_ok(dockerd: DockerDaemon) -> Capabilities:
-    return container_backend("gvisor")[1]

@@ -20,17 +20,12 @@ from corral.testing import CHECKS, Skip, run_check
 from .conftest import container_backend
 
 BACKENDS = ["docker", "gvisor"]
-_PROBED: dict[str, tuple[Backend, Capabilities]] = {}
 
 
 def _ready(name: str, request: pytest.FixtureRequest) -> tuple[Backend, Capabilities]:
     if name == "docker":
-        request.getfixturevalue("dockerd")
-    if name not in _PROBED:
-        backend, caps = container_backend(name)
-        assert isinstance(backend, Backend)
-        _PROBED[name] = (backend, caps)
-    return _PROBED[name]
+        request.getfixturevalue("docker_host")
+    return container_backend(name)
 
 
 def _old_gvisor_status(name: str) -> bool:

@@ -30,19 +30,22 @@ pytestmark = pytest.mark.usefixtures("docker_ok")
 SRC = str(ROOT / "src")
 
 
-@pytest.fixture(scope="module")
-def engine(dockerd: DockerDaemon) -> Iterator[Engine]:
+@pytest.fixture
+def engine(docker_host: DockerDaemon) -> Iterator[Engine]:
     e = connect("docker")
     yield e
     e.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def host_image(engine: Engine) -> str:
     """A standalone image copied from this host's files (`corral image build`), imported once."""
-    from corral.backends.images import host_rootfs_tar, import_image
+    from corral.backends.images import has_image, host_rootfs_tar, import_image
 
-    return import_image(engine, host_rootfs_tar(("sh", "cat", "ls", "id", "touch", "python3")), "corral-test-host:1")
+    tag = "corral-test-host:1"
+    if not has_image(engine, tag):
+        import_image(engine, host_rootfs_tar(("sh", "cat", "ls", "id", "touch", "python3")), tag)
+    return tag
 
 
 def ours(engine: Engine, sandbox_id: str | None = None) -> list[dict[str, object]]:
@@ -144,8 +147,8 @@ def test_ctrl_c_removes_the_container(engine: Engine, workdir: Path) -> None:
     assert {c["Id"] for c in ours(engine)} <= before
 
 
-def test_the_engine_socket_is_never_inside(dockerd: DockerDaemon, workdir: Path) -> None:
-    policy = corral.Policy.workspace(str(workdir)).with_zones(corral.Zone.ro(os.path.dirname(dockerd.socket_path)))
+def test_the_engine_socket_is_never_inside(docker_host: DockerDaemon, workdir: Path) -> None:
+    policy = corral.Policy.workspace(str(workdir)).with_zones(corral.Zone.ro(os.path.dirname(docker_host.socket_path)))
     with pytest.raises(UnsupportedPolicy, match="engine's socket"):
         corral.run(["true"], policy=policy, backend="docker")
 
@@ -220,8 +223,8 @@ def test_what_a_sandbox_sees(workdir: Path) -> None:
 
 
 # ------------------------------------------------------------------ the doctor's explanations
-def test_doctor_lists_docker(dockerd: DockerDaemon) -> None:
-    done = corral_cli("doctor", "--json", env={"DOCKER_HOST": dockerd.url})
+def test_doctor_lists_docker(docker_host: DockerDaemon) -> None:
+    done = corral_cli("doctor", "--json")
     report = json.loads(done.stdout)
     docker = next(b for b in report["backends"] if b["name"] == "docker")
     assert docker["available"] is True, docker
@@ -270,7 +273,8 @@ def test_doctor_stale_socket(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to probe as another user")
-def test_doctor_no_permission(dockerd: DockerDaemon) -> None:
+def test_doctor_no_permission(docker_host: DockerDaemon) -> None:
+    dockerd = docker_host
     os.chmod(os.path.dirname(dockerd.socket_path), 0o755)
     caps = _probe_with({"DOCKER_HOST": dockerd.url}, user=65534)
     assert caps["available"] is False

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 import corral
-from corral.backends import registry
 from corral.backends.base import Capabilities
 from corral.backends.engine import Engine, connect
 from corral.errors import BackendUnavailable
@@ -24,7 +23,7 @@ from .conftest import DockerDaemon, container_backend
 SRC = str(ROOT / "src")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def gvisor() -> Capabilities:
     return container_backend("gvisor")[1]
 
@@ -121,10 +120,10 @@ def test_a_crash_is_reaped_by_the_next_start(gvisor: Capabilities, workdir: Path
 
 
 # ------------------------------------------------------------------ through the engine
-def test_named_image_through_the_engine_runtime(dockerd: DockerDaemon, workdir: Path) -> None:
+def test_named_image_through_the_engine_runtime(docker_host: DockerDaemon, workdir: Path) -> None:
     from corral.backends.images import host_rootfs_tar, import_image
 
-    caps = registry.probe(registry.create("gvisor"), fresh=True)
+    caps = container_backend("gvisor")[1]
     if not any(n.startswith("named images through") for n in caps.notes):
         pytest.skip(f"the engine's runsc runtime does not work here: {caps.notes}")
     engine = connect("gvisor")
@@ -142,7 +141,7 @@ def test_named_image_through_the_engine_runtime(dockerd: DockerDaemon, workdir: 
     assert found == [], "removed after the run"
 
 
-def test_engine_runtime_problems_are_explained(dockerd: DockerDaemon) -> None:
+def test_engine_runtime_problems_are_explained(docker_host: DockerDaemon) -> None:
     from corral.backends.gvisor import GVisorBackend
 
     real = connect("gvisor")
