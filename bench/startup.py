@@ -5,7 +5,8 @@
 Rows: plain fork+exec of /bin/true (subprocess.run), raw bubblewrap (a typical hand-written
 sandbox), corral's one-shot API, an exec in a live corral sandbox, the `corral run` CLI, and a
 policy decision. Ratios are against the same run's baselines; targets from the core issue.
-Then the WebAssembly rows from bench/wasm.py (cold and warm starts), when wasmtime is installed.
+Then the WebAssembly rows from bench/wasm.py (cold and warm starts), when wasmtime is installed,
+and the container rows from bench/containers.py (docker, gvisor) where they work.
 """
 
 from __future__ import annotations
@@ -119,15 +120,16 @@ def main() -> int:
         print("      own user namespace. See docs/performance.md.")
     shutil.rmtree(work, ignore_errors=True)
     wasm_rows(runs)
+    wasm_rows(runs, "containers.py")
     return 0
 
 
-def wasm_rows(runs: int) -> None:
-    """bench/wasm.py, beside this file."""
+def wasm_rows(runs: int, name: str = "wasm.py") -> None:
+    """bench/wasm.py (or another bench module with a `report(runs)`), beside this file."""
     import importlib.util
 
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "wasm.py")
-    spec = importlib.util.spec_from_file_location("corral_bench_wasm", path)
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
+    spec = importlib.util.spec_from_file_location(f"corral_bench_{name[:-3]}", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

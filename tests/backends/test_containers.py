@@ -70,3 +70,55 @@ def test_attack_is_blocked(
             pytest.fail(f"{attack.title}: NOT BLOCKED on {name}: {exc}")
         ctx.host_unchanged()
     assert backend.name == name and os.path.isdir(str(tmp_path_factory.getbasetemp()))
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_cli_output_into_a_file_keeps_what_was_there(name: str, workdir: Path, request: pytest.FixtureRequest) -> None:
+    """`(echo before; corral run -- echo inside) > log`: the sandbox writes after what the host wrote
+    (gVisor would write an imported file from offset 0: corral relays through pipes)."""
+    import subprocess
+    import sys
+
+    from ..conftest import ROOT
+
+    _ready(name, request)
+    log = workdir / "log.txt"
+    script = (
+        f"echo before; {sys.executable} -m corral run --backend {name} -- sh -c 'echo inside; echo err >&2'; echo after"
+    )
+    with open(log, "wb") as out:
+        subprocess.run(
+            ["sh", "-c", script],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=workdir,
+            check=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+            timeout=120,
+        )
+    assert log.read_text().splitlines() == ["before", "inside", "err", "after"]
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_cli_stdin_from_a_file_continues_where_the_host_stopped(
+    name: str, workdir: Path, request: pytest.FixtureRequest
+) -> None:
+    import subprocess
+    import sys
+
+    from ..conftest import ROOT
+
+    _ready(name, request)
+    (workdir / "in.txt").write_text("one\ntwo\nthree\n")
+    script = f"read first; echo host:$first; {sys.executable} -m corral run --backend {name} -- cat"
+    with open(workdir / "in.txt", "rb") as stdin:
+        done = subprocess.run(
+            ["sh", "-c", script],
+            stdin=stdin,
+            capture_output=True,
+            cwd=workdir,
+            check=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+            timeout=120,
+        )
+    assert done.stdout.decode().splitlines() == ["host:one", "two", "three"]

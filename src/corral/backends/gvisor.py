@@ -192,7 +192,11 @@ class GVisorBackend(Backend):
             )
         if direct_problem is not None:
             notes.insert(0, f"runsc directly: not available ({direct_problem[0]})")
-        enforces = set(ALWAYS) | {"limits.memory", "limits.pids", "limits.cpus"}
+        enforces = set(ALWAYS) | {"limits.pids"}
+        if os.getuid() == 0:
+            enforces |= {"limits.memory", "limits.cpus"}
+        else:
+            notes.append("rootless runsc ignores cgroups: no memory or cpus limit (run as root for them)")
         if engine_caps.available and direct_problem is not None:
             enforces = set(engine_caps.enforces)
         notes.append("a memory limit bounds the whole sandbox: exceeding it ends the sandbox, not one command")
@@ -438,6 +442,16 @@ class GVisorSandbox(AgentSandbox):
     ) -> Result:
         if self._stopped and self.memory_exhausted:
             raise SandboxLost(f"sandbox {self.id} ended: its memory limit was exceeded")
+        # gVisor reads and writes an imported regular file at its own offset, from 0 (over what the
+        # host wrote before, or again from the start): give the sandbox pipes, copied here.
+        if output is not None and any(_is_regular_file(fd) for fd in output):
+            with _Relay(output) as pipes:
+                return self.exec(argv, stdin=stdin, env=env, cwd=cwd, timeout=timeout, on_output=on_output,
+                                 output=pipes)  # fmt: skip
+        if isinstance(stdin, int) and _is_regular_file(stdin):
+            with _StdinRelay(stdin) as pipe:
+                return self.exec(argv, stdin=pipe, env=env, cwd=cwd, timeout=timeout, on_output=on_output,
+                                 output=output)  # fmt: skip
         started = time.monotonic()
         try:
             return super().exec(
@@ -459,6 +473,89 @@ class GVisorSandbox(AgentSandbox):
             stderr=f"corral: {message}\n".encode(),
             wall_time=time.monotonic() - started,
         )
+
+
+def _is_regular_file(fd: int) -> bool:
+    import stat
+
+    try:
+        return stat.S_ISREG(os.fstat(fd).st_mode)
+    except OSError:
+        return False
+
+
+class _Relay:
+    """Two pipes whose contents a thread copies into two host descriptors, until both close."""
+
+    def __init__(self, targets: tuple[int, int]) -> None:
+        self.targets = targets
+        self.pipes = [os.pipe2(os.O_CLOEXEC), os.pipe2(os.O_CLOEXEC)]
+        import threading
+
+        self.thread = threading.Thread(target=self._copy, name="corral-gvisor-relay", daemon=True)
+
+    def __enter__(self) -> tuple[int, int]:
+        self.thread.start()
+        return self.pipes[0][1], self.pipes[1][1]
+
+    def __exit__(self, *exc: object) -> None:
+        for _, w in self.pipes:
+            os.close(w)  # the command has ended: what it wrote is in the pipes, then EOF
+        self.thread.join()
+        for r, _ in self.pipes:
+            os.close(r)
+
+    def _copy(self) -> None:
+        import select
+
+        sources = {self.pipes[0][0]: self.targets[0], self.pipes[1][0]: self.targets[1]}
+        poller = select.poll()
+        for fd in sources:
+            poller.register(fd, select.POLLIN)
+        while sources:
+            for fd, _ in poller.poll():
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    poller.unregister(fd)
+                    del sources[fd]
+                    continue
+                view = memoryview(chunk)
+                try:
+                    while view:
+                        view = view[os.write(sources[fd], view) :]
+                except OSError:
+                    pass  # the reader went away: keep draining so the command never blocks
+
+
+class _StdinRelay:
+    """A pipe a thread fills from a host file, from its current offset (the command may stop
+    reading early: the copy then stops too, at the pipe's EPIPE)."""
+
+    def __init__(self, source: int) -> None:
+        import threading
+
+        self.source = source
+        self.r, self.w = os.pipe2(os.O_CLOEXEC)
+        self.thread = threading.Thread(target=self._copy, name="corral-gvisor-stdin", daemon=True)
+
+    def __enter__(self) -> int:
+        self.thread.start()
+        return self.r
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.r)  # the command has ended: a blocked copy gets EPIPE
+        self.thread.join()
+
+    def _copy(self) -> None:
+        try:
+            while chunk := os.read(self.source, 65536):
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(self.w, view) :]
+        except OSError:
+            pass
+        finally:
+            os.close(self.w)
 
 
 def reap_orphans(runsc: Runsc) -> list[str]:
