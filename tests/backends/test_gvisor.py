@@ -169,3 +169,32 @@ def test_doctor_reports_gvisor(gvisor: Capabilities) -> None:
     entry = next(b for b in report["backends"] if b["name"] == "gvisor")
     assert entry["available"] is True and entry["strength"] == 50
     assert any("platform" in n for n in entry["notes"])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run corral as another user")
+def test_rootless_runsc(gvisor: Capabilities) -> None:
+    """As an ordinary user runsc runs rootless: it works, and refuses the limits it cannot hold."""
+    import shutil
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(prefix="corral-nobody-", dir="/tmp"))
+    os.chown(work, 65534, 65534)
+    try:
+        _rootless(work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _rootless(work: Path) -> None:
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": SRC, "HOME": "/nonexistent", "XDG_CACHE_HOME": str(work / "c")}
+
+    def as_nobody(*args: str) -> subprocess.CompletedProcess[bytes]:
+        argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m", "corral", *args]
+        return subprocess.run(argv, cwd=work, env=env, capture_output=True, timeout=120, check=False)
+
+    done = as_nobody("run", "--backend", "gvisor", "--", "sh", "-c", "id -u; echo made > f; cat f")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [b"0", b"made"], "root inside runsc's user namespace: nobody outside"
+    assert (work / "f").stat().st_uid == 65534
+    refused = as_nobody("run", "--backend", "gvisor", "--memory", "100M", "--", "true")
+    assert refused.returncode == 125 and b"cannot enforce" in refused.stderr and b"limits.memory" in refused.stderr

@@ -196,7 +196,8 @@ class GVisorBackend(Backend):
         if os.getuid() == 0:
             enforces |= {"limits.memory", "limits.cpus"}
         else:
-            notes.append("rootless runsc ignores cgroups: no memory or cpus limit (run as root for them)")
+            notes.append("rootless runsc: commands run as root in its user namespace (you outside); it ignores "
+                         "cgroups, so no memory or cpus limit (run as root for them)")  # fmt: skip
         if engine_caps.available and direct_problem is not None:
             enforces = set(engine_caps.enforces)
         notes.append("a memory limit bounds the whole sandbox: exceeding it ends the sandbox, not one command")
@@ -322,7 +323,9 @@ class GVisorBackend(Backend):
 
         runsc = runsc or self.runsc
         reap_orphans(runsc)
-        uid, gid = os.getuid(), os.getgid()
+        # Rootless runsc maps the caller to root inside its user namespace: root inside is the
+        # caller outside, the one identity that owns the caller's files.
+        uid, gid = (os.getuid(), os.getgid()) if os.getuid() == 0 else (0, 0)
         python, extras = agent_python()
         os.makedirs(os.path.join(runsc.root, "sandboxes"), mode=0o700, exist_ok=True)
         state = StateDir(sandbox_id, base=os.path.join(runsc.root, "sandboxes"))
