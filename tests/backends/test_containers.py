@@ -28,18 +28,6 @@ def _ready(name: str, request: pytest.FixtureRequest) -> tuple[Backend, Capabili
     return container_backend(name)
 
 
-def _old_gvisor_status(name: str) -> bool:
-    """gVisor before 2023 shows no NoNewPrivs line in /proc/self/status (no_new_privs is still set:
-    tests/backends/test_gvisor.py checks it with prctl)."""
-    if name != "gvisor":
-        return False
-    from corral.backends.gvisor import find_runsc
-
-    version = find_runsc().version
-    digits = "".join(c for c in version.split("~")[-1].split(".")[0] if c.isdigit())
-    return len(digits) >= 8 and int(digits[:8]) < 20230101
-
-
 @pytest.mark.parametrize("name", BACKENDS)
 @pytest.mark.parametrize("check", CHECKS, ids=[c.__name__ for c in CHECKS])
 def test_conformance(name: str, check, workdir: Path, request: pytest.FixtureRequest) -> None:  # type: ignore[no-untyped-def]
@@ -59,8 +47,6 @@ def test_attack_is_blocked(
     missing = attack.requires - caps.enforces
     if missing:
         pytest.skip(f"{name} does not claim {', '.join(sorted(missing))}")
-    if attack.name == "setuid_binary" and _old_gvisor_status(name):
-        pytest.skip("this runsc's /proc/self/status has no NoNewPrivs line; test_gvisor checks prctl instead")
     with AttackContext(registry.create(name), base=str(tmp_path_factory.getbasetemp())) as ctx:
         try:
             attack.fn(ctx)

@@ -325,6 +325,9 @@ def setuid_binary(ctx: AttackContext) -> None:
     r = ctx.sh("grep NoNewPrivs /proc/self/status; "
                "su root -c 'grep CapEff /proc/self/status' </dev/null 2>/dev/null; "
                "sudo -n grep CapEff /proc/self/status 2>/dev/null")  # fmt: skip
+    if b"NoNewPrivs:" not in r.stdout:  # old gVisor has no such line: ask prctl(PR_GET_NO_NEW_PRIVS)
+        nnp = ctx.python("import ctypes; print('NoNewPrivs:\\t%d' % ctypes.CDLL(None).prctl(39, 0, 0, 0, 0))")
+        r = Result(argv=r.argv, returncode=r.returncode, stdout=nnp.stdout + r.stdout)
     expect(b"NoNewPrivs:\t1" in r.stdout, "no_new_privs is not set")
     for line in r.stdout_text.splitlines():
         if line.startswith("CapEff:"):
