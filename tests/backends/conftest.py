@@ -134,7 +134,7 @@ def stop_dockerd(daemon: DockerDaemon) -> None:
             daemon.proc.wait()
     # dockerd unmounts its layers when it stops; anything left is unmounted before removal.
     with open("/proc/self/mountinfo") as f:
-        mounts = [line.split()[4] for line in f if f" {daemon.base}/" in f" {line.split()[4]}"]
+        mounts = [line.split()[4] for line in f if line.split()[4].startswith(daemon.base + "/")]
     for mount in sorted(mounts, key=len, reverse=True):
         subprocess.run(["umount", "-l", mount], capture_output=True, check=False)
     shutil.rmtree(daemon.base, ignore_errors=True)
@@ -182,3 +182,77 @@ def container_backend(name: str) -> tuple[Backend, Capabilities]:
 @pytest.fixture
 def docker_ok(docker_host: DockerDaemon) -> Capabilities:
     return container_backend("docker")[1]
+
+
+class PodmanService:
+    def __init__(self, base: str, proc: subprocess.Popen[bytes], socket_path: str) -> None:
+        self.base = base
+        self.proc = proc
+        self.socket_path = socket_path
+        self.url = f"unix://{socket_path}"
+
+
+@pytest.fixture(scope="session")
+def podman() -> Iterator[PodmanService]:
+    """Podman's Docker-compatible API service (rootful, runc: crun does not run on every host)."""
+    if os.geteuid() != 0:
+        pytest.skip("starting a private podman service needs root here")
+    exe = shutil.which("podman", path="/usr/bin:/usr/local/bin")
+    runc = shutil.which("runc", path="/usr/sbin:/usr/bin:/usr/local/sbin")
+    if exe is None or runc is None:
+        pytest.skip("podman (and runc) are not installed (apt-get install podman runc)")
+    base = tempfile.mkdtemp(prefix="corral-pm-", dir="/tmp")
+    socket_path = os.path.join(base, "podman.sock")
+    argv = [
+        exe,
+        "--root",
+        os.path.join(base, "root"),
+        "--runroot",
+        os.path.join(base, "run"),
+        "--runtime",
+        runc,
+        "--cgroup-manager",
+        "cgroupfs",
+        "--events-backend",
+        "file",
+        "system",
+        "service",
+        "--time=0",
+        f"unix://{socket_path}",
+    ]
+    # Rootful Podman gives containers nofile and nproc limits of 1048576; where root's own hard limits
+    # are lower and cannot be raised (inside a container, as here), runc then fails: no defaults.
+    conf = os.path.join(base, "containers.conf")
+    with open(conf, "w") as f:
+        f.write("[containers]\ndefault_ulimits = []\n")
+    with open(os.path.join(base, "podman.log"), "wb") as out:
+        proc = subprocess.Popen(
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "CONTAINERS_CONF": conf},
+        )
+    service = PodmanService(base, proc, socket_path)
+    try:
+        deadline = time.monotonic() + DOCKERD_START_TIMEOUT
+        while not _answers(socket_path):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                with open(os.path.join(base, "podman.log"), errors="replace") as f:
+                    tail = f.read()[-1500:]
+                pytest.skip(f"the podman service did not start: {tail}")
+            time.sleep(0.1)
+        yield service
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        with open("/proc/self/mountinfo") as f:
+            mounts = [line.split()[4] for line in f if line.split()[4].startswith(base + "/")]
+        for mount in sorted(mounts, key=len, reverse=True):
+            subprocess.run(["umount", "-l", mount], capture_output=True, check=False)
+        shutil.rmtree(base, ignore_errors=True)

@@ -61,7 +61,7 @@ def test_mounts_with_the_host_system() -> None:
         MountSpec(kind="bind", source="/s/run", dest="/.corral/run", readonly=True),
         MountSpec(kind="tmpfs", dest="/tmp", options=("size=1048576", "mode=1777")),
         MountSpec(kind="bind", source="/srv/p", dest="/work", readonly=False),
-        MountSpec(kind="tmpfs", dest="/home/sandbox", options=("mode=755", "uid=0", "gid=0")),
+        MountSpec(kind="tmpfs", dest="/home/sandbox", options=("mode=755",)),
         MountSpec(kind="bind", source="/srv/data", dest="/work/data", readonly=True),
         MountSpec(kind="tmpfs", dest="/var/tmp", options=("size=1048576", "mode=1777")),
     )

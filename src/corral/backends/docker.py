@@ -189,7 +189,9 @@ class DockerBackend(Backend):
         self._refuse_engine_socket(rp, engine)
         reap_orphans(engine)
         image, host_system = ensure_image(engine, rp)
-        uid, gid = os.getuid(), os.getgid()
+        # The caller's own identity, so files in zones keep their owner: the caller's uid in a
+        # rootful engine, root in a rootless one (whose user namespace maps it to the caller).
+        uid, gid = (0, 0) if engine.rootless else (os.getuid(), os.getgid())
         state = StateDir(sandbox_id)
         container_id: str | None = None
         listener: socket.socket | None = None
@@ -297,19 +299,20 @@ class DockerBackend(Backend):
         tmpfs: dict[str, str] = {}
         for m in mounts:
             if m.kind == "tmpfs":
+                options = list(m.options)
+                if engine.kind == "podman" and any(o.startswith("uid=") for o in options):
+                    # Podman refuses uid=/gid= on a tmpfs: the sandbox user's directory is made writable
+                    options = [o for o in options if not o.startswith(("uid=", "gid=", "mode="))] + ["mode=1777"]
                 # exec: as a tmpfs zone is under bubblewrap (the engine's default is noexec)
-                tmpfs[m.dest] = ",".join(("rw", "exec", "nosuid", "nodev", *m.options))
+                tmpfs[m.dest] = ",".join(("rw", "exec", "nosuid", "nodev", *options))
             else:
                 binds.append(
                     docker.types.Mount(
                         target=m.dest, source=m.source, type="bind", read_only=m.readonly, propagation="rprivate"
                     )
                 )
-        ulimits = [docker.types.Ulimit(name="core", soft=0, hard=0)]
-        if limits.file_size is not None:
-            ulimits.append(docker.types.Ulimit(name="fsize", soft=limits.file_size, hard=limits.file_size))
-        if limits.open_files is not None:
-            ulimits.append(docker.types.Ulimit(name="nofile", soft=limits.open_files, hard=limits.open_files))
+        # No engine ulimits: the agent sets the core, file-size and open-files rlimits on itself before
+        # it runs anything (and Podman adds its own nofile and nproc defaults next to any given here).
         host_config: dict[str, object] = {
             "mounts": binds,
             "tmpfs": tmpfs,
@@ -317,7 +320,6 @@ class DockerBackend(Backend):
             "network_mode": "host" if rp.network.mode == "host" else "none",
             "cap_drop": ["ALL"],
             "security_opt": ["no-new-privileges"],
-            "ulimits": ulimits,
             "ipc_mode": "private",
             "init": False,
         }

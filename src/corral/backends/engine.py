@@ -61,6 +61,12 @@ class Engine:
         return {str(k): (v if isinstance(v, dict) else {}) for k, v in raw.items()} if isinstance(raw, dict) else {}
 
     @property
+    def rootless(self) -> bool:
+        """A rootless engine (rootless Docker, Podman as a user): the caller is root in its containers."""
+        options = self.info.get("SecurityOptions")
+        return isinstance(options, list) and any("rootless" in str(o) for o in options)
+
+    @property
     def cgroup_version(self) -> str:
         return str(self.info.get("CgroupVersion", "1"))
 

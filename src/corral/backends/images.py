@@ -92,15 +92,7 @@ def build_base_image(engine: Engine, rp: ResolvedPolicy) -> str:
     tag = base_tag(skel)
     if has_image(engine, tag):
         return tag
-    repository, _, version = tag.partition(":")
-    try:
-        engine.api.import_image_from_data(
-            skeleton_tar(skel), repository=repository, tag=version, changes=['LABEL corral.image="base"']
-        )
-    except Exception as exc:
-        raise LaunchError(f"could not import corral's base image into the engine: {exc}") from exc
-    if not has_image(engine, tag):
-        raise LaunchError(f"the engine did not keep the imported image {tag}")
+    import_image(engine, skeleton_tar(skel), tag, changes=['LABEL corral.image="base"'])
     return tag
 
 
@@ -194,14 +186,30 @@ def host_rootfs_tar(programs: Sequence[str] = DEFAULT_PROGRAMS, *, dirs: Sequenc
     return buf.getvalue()
 
 
-def import_image(engine: Engine, data: bytes, tag: str) -> str:
-    """`docker import` of a root filesystem tar under `tag` (NAME:VERSION); returns the tag."""
+def import_image(engine: Engine, data: bytes, tag: str, *, changes: Sequence[str] = ()) -> str:
+    """`docker import` of a root filesystem tar under `tag` (NAME[:VERSION]); returns the full tag.
+
+    The image is tagged again by its id afterwards: Podman's compatible API ignores the tag of an
+    import (it names the image NAME:latest)."""
+    import re
+
     repository, _, version = tag.partition(":")
+    version = version or "latest"
+    full = f"{repository}:{version}"
     try:
-        engine.api.import_image_from_data(data, repository=repository, tag=version or "latest")
+        reply = engine.api.import_image_from_data(data, repository=repository, tag=version, changes=list(changes))
     except Exception as exc:
-        raise LaunchError(f"could not import {tag} into the engine: {exc}") from exc
-    return tag if version else f"{tag}:latest"
+        raise LaunchError(f"could not import {full} into the engine: {exc}") from exc
+    if not has_image(engine, full):
+        found = re.findall(r"sha256:[0-9a-f]{64}", str(reply))
+        if found:
+            try:
+                engine.api.tag(found[-1], repository, version)
+            except Exception as exc:
+                raise LaunchError(f"could not tag the imported image as {full}: {exc}") from exc
+    if not has_image(engine, full):
+        raise LaunchError(f"the engine did not keep the imported image {full} (it answered {str(reply)[:200]!r})")
+    return full
 
 
 def _shared_libraries(*paths: str) -> list[str]:

@@ -186,7 +186,9 @@ def tmpfs_options(rp: ResolvedPolicy, mount: str, size: int | None, *, uid: int,
     if mount in ("/tmp", "/var/tmp"):
         options.append("mode=1777")
     else:
-        options += ["mode=755", f"uid={uid}", f"gid={gid}"]
+        options.append("mode=755")
+        if uid or gid:  # root owns a fresh tmpfs anyway
+            options += [f"uid={uid}", f"gid={gid}"]
     return tuple(options)
 
 
