@@ -98,8 +98,10 @@ class DockerBackend(Backend):
             engine.describe,
             f"runtime {self.runtime or info.get('DefaultRuntime', 'runc')}, cgroup v{engine.cgroup_version}",
             "corral's seccomp filter stacked on the engine's default profile",
-            "commands run with your uid (no per-container user namespace); the policy's uid is not applied",
-            "image: corral's own (the host's /usr read-only) unless [container] image names one",
+            "commands run as root in the engine's user namespace (you outside); the policy's uid is not applied"
+            if engine.rootless
+            else "commands run with your uid (no per-container user namespace); the policy's uid is not applied",
+            "image: corral's own (the host's /usr read-only) unless the policy's container.image names one",
         ]
         return Capabilities(
             name=self.name,
