@@ -23,16 +23,43 @@ if TYPE_CHECKING:
     import docker  # type: ignore[import-untyped]
 
 API_TIMEOUT = 60
+MIN_API = "1.41"  # Docker 20.10, Podman 4 (what corral is tested against); newer engines still speak it
 
 
 class Engine:
-    """A connected engine: its API client, its socket, its name and version, its runtimes."""
+    """A connected engine: its API client, its socket, its name and version, its runtimes.
 
-    def __init__(self, api: docker.APIClient, *, url: str, info: dict[str, object], version: dict[str, object]) -> None:
+    Connecting costs one `/_ping` (whose headers name the engine and its API version); the full
+    `info` and `version` documents are fetched when first needed (Podman takes a few hundred
+    milliseconds to answer each, a sandbox start needs neither).
+    """
+
+    def __init__(
+        self,
+        api: docker.APIClient,
+        *,
+        url: str,
+        info: dict[str, object] | None = None,
+        version: dict[str, object] | None = None,
+        server: str = "",
+    ) -> None:
         self.api = api
         self.url = url
-        self.info = info
-        self.version = version
+        self._info = info
+        self._version = version
+        self.server = server  # the ping's Server header: "Docker/20.10.24 (linux)", "Libpod/4.3.1 (linux)"
+
+    @property
+    def info(self) -> dict[str, object]:
+        if self._info is None:
+            self._info = self.api.info()
+        return self._info
+
+    @property
+    def version(self) -> dict[str, object]:
+        if self._version is None:
+            self._version = self.api.version()
+        return self._version
 
     @property
     def socket_path(self) -> str:
@@ -41,6 +68,8 @@ class Engine:
     @property
     def kind(self) -> str:
         """ "podman" or "docker"."""
+        if self.server:
+            return "podman" if self.server.lower().startswith("libpod") else "docker"
         components = self.version.get("Components")
         names = (
             [str(c.get("Name", "")) for c in components if isinstance(c, dict)] if isinstance(components, list) else []
@@ -51,6 +80,9 @@ class Engine:
 
     @property
     def describe(self) -> str:
+        if self.server:
+            version = self.server.split("/", 1)[-1].split(" ", 1)[0]
+            return f"{self.kind} {version} (API {self.api.api_version}) at {self.url}"
         return (
             f"{self.kind} {self.version.get('Version', '?')} (API {self.version.get('ApiVersion', '?')}) at {self.url}"
         )
@@ -62,9 +94,17 @@ class Engine:
 
     @property
     def rootless(self) -> bool:
-        """A rootless engine (rootless Docker, Podman as a user): the caller is root in its containers."""
-        options = self.info.get("SecurityOptions")
-        return isinstance(options, list) and any("rootless" in str(o) for o in options)
+        """A rootless engine (rootless Docker, Podman as a user): the caller is root in its containers.
+
+        From `info` when it is at hand, else from the socket's owner (a rootless engine's socket
+        belongs to its user, a system daemon's to root)."""
+        if self._info is not None:
+            options = self._info.get("SecurityOptions")
+            return isinstance(options, list) and any("rootless" in str(o) for o in options)
+        try:
+            return os.stat(self.socket_path).st_uid != 0
+        except OSError:
+            return False
 
     @property
     def cgroup_version(self) -> str:
@@ -121,13 +161,16 @@ def connect(name: str, *, env: dict[str, str] | None = None) -> Engine:
             problems.append((url, *problem))
             continue
         try:
-            api = docker.APIClient(base_url=url, version="auto", timeout=API_TIMEOUT)
-            version = api.version()
-            info = api.info()
+            api = docker.APIClient(base_url=url, version=MIN_API, timeout=API_TIMEOUT)
+            pong = api._get(api._url("/_ping"))
+            pong.raise_for_status()
+            offered = pong.headers.get("Api-Version", MIN_API)
+            api.close()
+            api = docker.APIClient(base_url=url, version=_api_version(offered), timeout=API_TIMEOUT)
         except Exception as exc:
             problems.append((url, f"the engine at {path} did not answer: {_short(exc)}", _start_fix(path)))
             continue
-        return Engine(api, url=url, info=info, version=version)
+        return Engine(api, url=url, server=str(pong.headers.get("Server", "")))
     if problems:
         _url, reason, fix = problems[0]
         raise BackendUnavailable(name, reason, fix=fix)
@@ -203,6 +246,20 @@ def no_engine_found(search: str = "/usr/bin:/usr/sbin:/usr/local/bin:/bin:/sbin"
         "no container engine is installed (neither Docker nor Podman)",
         "sudo apt-get install docker.io (or podman), or use --backend namespace",
     )
+
+
+def _api_version(offered: str) -> str:
+    """The engine's API version, capped at the newest the docker package speaks."""
+    from docker.constants import DEFAULT_DOCKER_API_VERSION  # type: ignore[import-untyped]
+
+    def key(v: str) -> tuple[int, ...]:
+        return tuple(int(p) for p in v.split(".") if p.isdigit())
+
+    newest = str(DEFAULT_DOCKER_API_VERSION)
+    try:
+        return min(str(offered), newest, key=key)
+    except ValueError:
+        return MIN_API
 
 
 def _short(exc: BaseException) -> str:
