@@ -410,10 +410,12 @@ class GVisorBackend(Backend):
         sandbox_cgroup = cgroup
 
         def teardown() -> None:
-            if monitor.wait(timeout=2.0) is None:
+            status = monitor.wait(timeout=2.0)
+            if status is None:
                 monitor.kill()
                 monitor.wait()
-            runsc.delete(container_id)
+            if status != 0:  # `runsc run` deletes its container when it ends well; otherwise we do
+                runsc.delete(container_id)
             if sandbox_cgroup is not None:
                 live.memory_exhausted = sandbox_cgroup.memory_exhausted()
                 sandbox_cgroup.destroy()
