@@ -132,12 +132,28 @@ def stop_dockerd(daemon: DockerDaemon) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(daemon.proc.pid, signal.SIGKILL)
             daemon.proc.wait()
+    # A runtime that failed half-way (runsc refusing a start) can leave its shim and sandbox behind,
+    # outliving dockerd: they are ours (their command lines name our private directories).
+    _kill_processes_naming(daemon.base)
     # dockerd unmounts its layers when it stops; anything left is unmounted before removal.
     with open("/proc/self/mountinfo") as f:
         mounts = [line.split()[4] for line in f if line.split()[4].startswith(daemon.base + "/")]
     for mount in sorted(mounts, key=len, reverse=True):
         subprocess.run(["umount", "-l", mount], capture_output=True, check=False)
     shutil.rmtree(daemon.base, ignore_errors=True)
+
+
+def _kill_processes_naming(base: str) -> None:
+    needle = base.encode() + b"/"
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                if needle in f.read():
+                    os.kill(int(name), signal.SIGKILL)
+        except OSError:
+            continue
 
 
 def _all_containers(daemon: DockerDaemon) -> list[str]:
@@ -251,6 +267,7 @@ def podman() -> Iterator[PodmanService]:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+        _kill_processes_naming(base)
         with open("/proc/self/mountinfo") as f:
             mounts = [line.split()[4] for line in f if line.split()[4].startswith(base + "/")]
         for mount in sorted(mounts, key=len, reverse=True):
