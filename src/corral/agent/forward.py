@@ -126,7 +126,7 @@ def serve(listener: socket.socket, target: str) -> None:
             if key.data is None:
                 accept(listener, target, owner, update)
                 continue
-            pair = key.data
+            pair = key.data  # type: _Pair
             sock = key.fileobj
             if pair.a.fileno() < 0 or owner.get(sock.fileno()) is not pair:  # type: ignore[union-attr]
                 continue

@@ -330,7 +330,9 @@ class Rules:
     @classmethod
     def public(cls, *, deny_cidrs: Iterable[str] = ()) -> Rules:
         """Any name on any port, public addresses only: a plain SSRF guard (`check_url`'s default)."""
-        return cls(mode="allow", any_public=True, deny_cidrs=(ipaddress.ip_network(c, strict=False) for c in deny_cidrs))
+        return cls(
+            mode="allow", any_public=True, deny_cidrs=(ipaddress.ip_network(c, strict=False) for c in deny_cidrs)
+        )
 
 
 class Decision(Record):
@@ -385,7 +387,7 @@ def decide(rules: Rules, host: str, port: int, addresses: Sequence[str] | None =
         allowed_by = _literal_rule(rules, _unmapped(literal), port)
         if allowed_by is None:
             return _deny("default-deny", f"{shown}:{port} is not in network.allow", name, port)
-        checked = (literal,)
+        checked: tuple[IPAddress, ...] = (literal,)
     else:
         matched = _name_rule(rules, name, port)
         if matched is None:

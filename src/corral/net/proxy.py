@@ -33,7 +33,10 @@ from corral.net.decide import Decision, HostError, parse_host
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Coroutine, Sequence
+    from typing import Any, TypeVar
+
+    T = TypeVar("T")
 
     Decide = Callable[[str, int, Sequence[str] | None], Decision]
     Resolver = Callable[[str, int], Sequence[str]]
@@ -160,7 +163,7 @@ def _same_host(a: str, b: str) -> bool:
         return False
 
 
-def client_hello_sni(data: bytes) -> str | None | bool:
+def client_hello_sni(data: bytes) -> str | bool | None:
     """The server name (SNI) in the TLS ClientHello at the start of `data`.
 
     Returns the name, None when the ClientHello names no server, or False when more bytes are
@@ -190,6 +193,8 @@ def client_hello_sni(data: bytes) -> str | None | bool:
 
 
 def _sni(body: bytes) -> str | None:
+    pos = 0
+
     def take(n: int) -> bytes:
         nonlocal pos
         if pos + n > len(body):
@@ -201,7 +206,6 @@ def _sni(body: bytes) -> str | None:
     def length(n: int) -> int:
         return int.from_bytes(take(n), "big")
 
-    pos = 0
     take(2 + 32)  # legacy version, random
     take(length(1))  # session id
     take(length(2))  # cipher suites
@@ -529,9 +533,13 @@ class ProxyServer:
         """One plain-HTTP request and its response. Returns whether the client connection stays open."""
         method, target, version = head.first
         if target.startswith("https://"):
-            raise _Refused(400, "Bad Request", "https:// through a plain request: use CONNECT", rule="bad-request:scheme")
+            raise _Refused(
+                400, "Bad Request", "https:// through a plain request: use CONNECT", rule="bad-request:scheme"
+            )
         if not target.startswith("http://"):
-            raise _Refused(400, "Bad Request", f"not a proxy request (target {target[:80]!r})", rule="bad-request:target")
+            raise _Refused(
+                400, "Bad Request", f"not a proxy request (target {target[:80]!r})", rule="bad-request:target"
+            )
         rest = target[len("http://") :]
         cut = min((i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
         authority, path = rest[:cut], rest[cut:]
@@ -606,7 +614,9 @@ class ProxyServer:
                 client.drop_upstream()
                 self._emit("net.error", {"via": "http", "host": decision.host, "port": port,
                                          "error": f"bad or no response: {exc!r}"})  # fmt: skip
-                raise _Refused(502, "Bad Gateway", f"no valid response from {decision.host}", rule="bad-response") from None
+                raise _Refused(
+                    502, "Bad Gateway", f"no valid response from {decision.host}", rule="bad-response"
+                ) from None
             status = int(response.first[1])
             if status == 101 and upgrade:
                 client.writer.write(_serialize(response, drop=HOP_BY_HOP | response.tokens("connection")))
@@ -622,7 +632,9 @@ class ProxyServer:
             framing = _response_framing(response, method)
         except ValueError as exc:
             client.drop_upstream()
-            raise _Refused(502, "Bad Gateway", f"bad response from {decision.host}: {exc}", rule="bad-response") from None
+            raise _Refused(
+                502, "Bad Gateway", f"bad response from {decision.host}: {exc}", rule="bad-response"
+            ) from None
         keep = (
             version == "HTTP/1.1"
             and "close" not in head.tokens("connection")
@@ -647,8 +659,9 @@ class ProxyServer:
                 if 0 not in methods:
                     writer.write(b"\x05\xff")
                     await writer.drain()
+                    detail = "the client offered no method without authentication"
                     self._emit("net.decision", {"via": "socks5", "action": "deny", "rule": "bad-request:socks-auth",
-                                                "detail": "the client offered no method without authentication"})  # fmt: skip
+                                                "detail": detail})  # fmt: skip
                     return
                 writer.write(b"\x05\x00")
                 version, command, _reserved, kind = await reader.readexactly(4)
@@ -669,8 +682,9 @@ class ProxyServer:
         if version != SOCKS_VERSION or command != 1 or not host:
             reply = 0x07 if command != 1 else 0x08  # command / address type not supported
             writer.write(bytes((5, reply, 0, 1)) + bytes(6))
+            detail = f"unsupported SOCKS request (command {command}, address type {kind})"
             self._emit("net.decision", {"via": "socks5", "action": "deny", "rule": "bad-request:socks",
-                                        "detail": f"unsupported SOCKS request (command {command}, type {kind})"})  # fmt: skip
+                                        "detail": detail})  # fmt: skip
             return
         decision = await self._decide(host, port)
         self._report(decision, "socks5")
@@ -703,7 +717,7 @@ class ProxyServer:
         the tunnel's own host (or no host at all)."""
         try:
             await client.writer.drain()
-            first = b""
+            first: bytes | None = b""
             if check_sni:
                 first = await self._first_bytes(client.reader, up_writer, up_reader, client.writer, decision, via)
                 if first is None:
@@ -744,8 +758,9 @@ class ProxyServer:
                             raise ValueError("incomplete ClientHello")
                         data += more
             except (ValueError, TimeoutError) as exc:
+                detail = f"the tunnel's TLS ClientHello could not be read: {exc}"
                 self._report(Decision(action="deny", rule="tls-unreadable", host=decision.host, port=decision.port,
-                                      detail=f"the tunnel's TLS ClientHello could not be read: {exc}"), via)  # fmt: skip
+                                      detail=detail), via)  # fmt: skip
                 return None
             if isinstance(sni, str) and not _same_host(sni, decision.host):
                 self._report(Decision(action="deny", rule="sni-mismatch", host=decision.host, port=decision.port,
@@ -768,7 +783,7 @@ def _authority(host: str, port: int) -> str:
 
 
 def _serialize(head: _Head, *, drop: frozenset[str] | set[str], extra: bytes = b"") -> bytes:
-    version, status, reason = head.first
+    _version, status, reason = head.first
     out = [f"HTTP/1.1 {status} {reason}\r\n".encode("latin-1")]
     for name, value in head.fields:
         if name.lower() not in drop:
@@ -788,7 +803,9 @@ def _body_framing(head: _Head) -> tuple[str, int]:
         raise _Refused(400, "Bad Request", "both Transfer-Encoding and Content-Length", rule="bad-request:framing")
     if codings:
         if codings != {"chunked"}:
-            raise _Refused(501, "Not Implemented", "only chunked transfer coding is accepted", rule="bad-request:framing")
+            raise _Refused(
+                501, "Not Implemented", "only chunked transfer coding is accepted", rule="bad-request:framing"
+            )
         return ("chunked", 0)
     if lengths:
         if len(lengths) > 1 or not next(iter(lengths)).isdigit():
@@ -871,10 +888,10 @@ def _close(writer: asyncio.StreamWriter) -> None:
 class ProxyThread:
     """A `ProxyServer` on its own event loop in a daemon thread, for callers without an event loop.
 
-        proxy = ProxyThread(ProxyServer(decide=..., events=...))
-        port = proxy.start_tcp()        # or proxy.start_unix(path)
-        ...
-        proxy.stop()
+    proxy = ProxyThread(ProxyServer(decide=..., events=...))
+    port = proxy.start_tcp()        # or proxy.start_unix(path)
+    ...
+    proxy.stop()
     """
 
     def __init__(self, server: ProxyServer) -> None:
@@ -887,14 +904,11 @@ class ProxyThread:
         asyncio.set_event_loop(self._loop)
         self._loop.run_forever()
 
-    def _call(self, coro: object, timeout: float = 10.0) -> object:
-        future = asyncio.run_coroutine_threadsafe(coro, self._loop)  # type: ignore[arg-type]
-        return future.result(timeout)
+    def _call(self, coro: Coroutine[Any, Any, T], timeout: float = 10.0) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
     def start_tcp(self, host: str = "127.0.0.1", port: int = 0) -> int:
-        result = self._call(self.server.start_tcp(host, port))
-        assert isinstance(result, int)
-        return result
+        return self._call(self.server.start_tcp(host, port))
 
     def start_unix(self, path: str) -> None:
         self._call(self.server.start_unix(path))

@@ -188,7 +188,9 @@ class Network(Record):
             if not items:
                 raise ConfigError("allow: needs at least one domain", where="--net")
             # Address ranges (10.0.0.0/8) go to allow_cidrs; everything else is a name or an address.
-            return cls(mode="allow", allow=[i for i in items if "/" not in i], allow_cidrs=[i for i in items if "/" in i])
+            return cls(
+                mode="allow", allow=[i for i in items if "/" not in i], allow_cidrs=[i for i in items if "/" in i]
+            )
         raise ConfigError(f"expected none, host or allow:DOMAIN,..., got {spec!r}", where="--net")
 
 
@@ -226,7 +228,9 @@ def _check_cidr(cidr: str, *, where: str) -> None:
     try:
         ipaddress.ip_network(cidr, strict=False)
     except ValueError:
-        raise ConfigError(f"expected an address range such as 10.0.0.0/8 or fd00::/8, got {cidr!r}", where=where) from None
+        raise ConfigError(
+            f"expected an address range such as 10.0.0.0/8 or fd00::/8, got {cidr!r}", where=where
+        ) from None
 
 
 class Commands(Record):
