@@ -224,6 +224,8 @@ def classify_address(address: IPAddress) -> str | None:
         inner = classify_address(embedded)
         if inner is not None:
             return inner
+        if address in NAT64:  # outside 2000::/3, but a public IPv4 address through a NAT64 gateway
+            return None
     for net, category in table:
         if address in net:
             return category

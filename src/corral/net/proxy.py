@@ -159,8 +159,8 @@ def split_authority(text: str, *, default_port: int | None) -> tuple[str, int]:
 def _same_host(a: str, b: str) -> bool:
     try:
         return parse_host(a)[0] == parse_host(b)[0]
-    except HostError:
-        return False
+    except HostError:  # the decision refuses such a host with its own rule; compare the text meanwhile
+        return a.lower().rstrip(".") == b.lower().rstrip(".")
 
 
 def client_hello_sni(data: bytes) -> str | bool | None:
@@ -212,7 +212,8 @@ def _sni(body: bytes) -> str | None:
     take(length(1))  # compression methods
     if pos == len(body):
         return None
-    end = pos + length(2)
+    extensions = length(2)
+    end = pos + extensions
     if end != len(body):
         raise ValueError("bad extensions length")
     name: str | None = None
