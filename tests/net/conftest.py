@@ -144,9 +144,7 @@ class Recorder:
 class Proxy:
     """A running proxy on 127.0.0.1 with a name->addresses map as its resolver; events go to an audit file."""
 
-    def __init__(
-        self, network: Network, names: dict[str, Sequence[str]], audit_path: Path, **options: object
-    ) -> None:
+    def __init__(self, network: Network, names: dict[str, Sequence[str]], audit_path: Path, **options: object) -> None:
         self.names = names
         self.resolved: list[str] = []
         self.audit = AuditLog(str(audit_path))

@@ -197,7 +197,8 @@ def test_public_rules_are_an_ssrf_guard() -> None:
     ("host", "expected"),
     [("Example.COM.", ("example.com", None)), ("[::1]", ("::1", ipaddress.ip_address("::1"))),
      ("10.0.0.1", ("10.0.0.1", ipaddress.ip_address("10.0.0.1"))),
-     ("::FFFF:127.0.0.1", ("::ffff:7f00:1", ipaddress.ip_address("::ffff:7f00:1"))), ("xn--bcher-kva.example", ("xn--bcher-kva.example", None))],
+     ("::FFFF:127.0.0.1", ("::ffff:7f00:1", ipaddress.ip_address("::ffff:7f00:1"))),
+     ("xn--bcher-kva.example", ("xn--bcher-kva.example", None))],
 )  # fmt: skip
 def test_parse_host(host: str, expected: tuple[str, object]) -> None:
     assert parse_host(host) == expected

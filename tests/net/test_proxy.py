@@ -67,10 +67,8 @@ def client_hello(server_name: str | None) -> bytes:
 def split_records(hello: bytes, at: int) -> bytes:
     """The same ClientHello as two TLS records (a legal fragmentation that hides the SNI from naive parsers)."""
     version, body = hello[1:3], hello[5:]
-    first, second = body[:at], body[at:]
-    return b"\x16" + version + len(first).to_bytes(2, "big") + first + b"\x16" + version + len(second).to_bytes(
-        2, "big"
-    ) + second
+    records = [b"\x16" + version + len(part).to_bytes(2, "big") + part for part in (body[:at], body[at:])]
+    return b"".join(records)
 
 
 # ---------------------------------------------------------------------- allowed and denied
@@ -186,7 +184,9 @@ def test_numeric_hosts_are_refused_everywhere(make_proxy: ProxyFactory, origin: 
     assert {e["rule"] for e in proxy.events("net.decision")} == {"bad-host:numeric"}
 
 
-@pytest.mark.parametrize("host", ["[::ffff:127.0.0.1]", "[::ffff:7f00:1]", "[::127.0.0.1]", "[::1]", "[0:0:0:0:0:ffff:7f00:1]"])
+@pytest.mark.parametrize(
+    "host", ["[::ffff:127.0.0.1]", "[::ffff:7f00:1]", "[::127.0.0.1]", "[::1]", "[0:0:0:0:0:ffff:7f00:1]"]
+)
 def test_ipv6_spellings_of_loopback_are_refused(make_proxy: ProxyFactory, origin: Origin, host: str) -> None:
     proxy = make_proxy(allow("127.0.0.1:1"))
     rules = set()
@@ -279,6 +279,7 @@ def test_connect_then_tls_for_the_same_name_goes_through(make_proxy: ProxyFactor
         hello = client_hello(name)
         sock, head = connect_tunnel(proxy.port, f"allowed.test:{p}")
         with sock:
+            assert head.startswith(b"HTTP/1.1 200")
             sock.sendall(hello)
             echoed = b""
             while len(echoed) < len(hello):
@@ -286,18 +287,42 @@ def test_connect_then_tls_for_the_same_name_goes_through(make_proxy: ProxyFactor
                 assert chunk, "the tunnel closed"
                 echoed += chunk
             assert echoed == hello
-    # A tunnel the server speaks first on (SSH, SMTP) works too: the banner is not held back.
-    sock, head = connect_tunnel(proxy.port, f"allowed.test:{p}")
+    # A protocol other than TLS goes through as it is.
+    sock, _ = connect_tunnel(proxy.port, f"allowed.test:{p}")
     with sock:
         sock.sendall(b"not tls\n")
         assert sock.recv(100) == b"not tls\n"
     assert [e["action"] for e in proxy.events("net.decision")] == ["allow"] * 4
 
 
+def test_a_server_that_speaks_first_is_not_held_back(make_proxy: ProxyFactory) -> None:
+    """SSH and SMTP servers greet before the client says anything: the banner must reach the client."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    p = listener.getsockname()[1]
+
+    def greet() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.sendall(b"SSH-2.0-test\r\n")
+            conn.sendall(conn.recv(100))
+
+    threading.Thread(target=greet, daemon=True).start()
+    try:
+        proxy = make_proxy(allow(f"ssh.test:{p}", f"127.0.0.1:{p}"), {"ssh.test": ["127.0.0.1"]})
+        sock, head = connect_tunnel(proxy.port, f"ssh.test:{p}")
+        with sock:
+            assert head.startswith(b"HTTP/1.1 200")
+            assert sock.recv(100) == b"SSH-2.0-test\r\n"
+            sock.sendall(b"SSH-2.0-client\r\n")
+            assert sock.recv(100) == b"SSH-2.0-client\r\n"
+    finally:
+        listener.close()
+
+
 def test_garbage_pretending_to_be_tls_is_cut(make_proxy: ProxyFactory, recorder: Recorder) -> None:
     p = recorder.port
     proxy = make_proxy(allow(f"allowed.test:{p}", f"127.0.0.1:{p}"), {"allowed.test": ["127.0.0.1"]})
-    sock, _head = connect_tunnel(proxy.port, f"allowed.test:{p}")
+    sock, _ = connect_tunnel(proxy.port, f"allowed.test:{p}")
     with sock:
         sock.sendall(b"\x16\x03\x01\x00\x05\x02\x00\x00\x01\x00")  # a handshake record, not a ClientHello
         assert recv_all(sock) == b""
@@ -504,8 +529,9 @@ class FakeUpstream:
                 upstream = socket.create_connection((host.decode(), int(port)))
                 path = b"/" + target.split(b"/", 3)[3]
                 lines = [line for line in head.split(b"\r\n")[1:] if not line.lower().startswith(b"proxy-")]
-                upstream.sendall(b"%s %s HTTP/1.1\r\n%s\r\nConnection: close\r\n\r\n" % (method, path,
-                                                                                          b"\r\n".join(lines)))
+                upstream.sendall(
+                    b"%s %s HTTP/1.1\r\n%s\r\nConnection: close\r\n\r\n" % (method, path, b"\r\n".join(lines))
+                )
                 upstream.sendall(rest)
 
             def pump(a: socket.socket, b: socket.socket) -> None:

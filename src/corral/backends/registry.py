@@ -23,7 +23,7 @@ BACKENDS: dict[str, tuple[str, str, int]] = {
     "namespace": ("corral.backends.namespace.backend", "NamespaceBackend", 30),
 }
 AUTO_ORDER = ("namespace", "landlock")
-PROBE_CACHE_VERSION = "1"
+PROBE_CACHE_VERSION = "2"  # 2: net.allow joined the namespace and landlock capabilities
 
 
 def known_backends() -> tuple[str, ...]:
