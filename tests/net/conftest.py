@@ -164,6 +164,7 @@ class Proxy:
         def sink(event: str, fields: dict[str, object]) -> None:
             self.audit.write(event, sandbox="test", **fields)
 
+        options.setdefault("dns_cache_seconds", 0)  # the tests count resolutions
         self.server = ProxyServer(decide=judge, resolver=resolver, events=sink, **options)  # type: ignore[arg-type]
         self.thread = ProxyThread(self.server)
         self.port = self.thread.start_tcp()

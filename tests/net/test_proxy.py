@@ -35,8 +35,8 @@ def connect_tunnel(port: int, target: str, host_header: str | None = None) -> tu
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {host_header or target}\r\n\r\n".encode())
     head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = sock.recv(4096)
+    while not head.endswith(b"\r\n\r\n"):  # byte by byte: what follows the head belongs to the tunnel
+        chunk = sock.recv(1)
         if not chunk:
             break
         head += chunk
@@ -158,6 +158,17 @@ def test_dns_rebinding_is_resolved_once_and_checked(make_proxy: ProxyFactory, or
         assert [e["rule"] for e in proxy.events("net.decision")][1:] == ["blocked-address:loopback"] * 2
     finally:
         attacker.close()
+
+
+def test_cached_answers_are_judged_again(make_proxy: ProxyFactory, origin: Origin) -> None:
+    p = origin.port
+    proxy = make_proxy(allow(f"cached.test:{p}", f"cached.test:{p + 1}", f"127.0.0.1:{p}"),
+                       {"cached.test": ["127.0.0.1"]}, dns_cache_seconds=60)  # fmt: skip
+    assert status_and_rule(http_get(proxy.port, f"http://cached.test:{p}/a"))[0] == 200
+    assert status_and_rule(http_get(proxy.port, f"http://cached.test:{p}/b"))[0] == 200
+    # The same cached answer, for a port the address is not named with:
+    assert status_and_rule(http_get(proxy.port, f"http://cached.test:{p + 1}/"))[1] == "blocked-address:loopback"
+    assert proxy.resolved == ["cached.test"]
 
 
 def test_an_answer_with_one_forbidden_address_is_refused_whole(make_proxy: ProxyFactory, origin: Origin) -> None:
@@ -364,6 +375,64 @@ def test_keep_alive_bodies_and_methods(make_proxy: ProxyFactory, origin: Origin)
     assert b"PUT /chunk host=allowed.test:%d body=abcde" % p in response
     assert b"one \r\n" in response and b"GET /last" in response
     assert origin.paths() == ["/post", "/chunk", "/head", "/chunked", "/last"]
+
+
+class Scripted:
+    """A one-connection server that answers a request head with fixed bytes, then echoes what follows."""
+
+    def __init__(self, answer: bytes) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.request = b""
+        threading.Thread(target=self._serve, args=(answer,), daemon=True).start()
+
+    def _serve(self, answer: bytes) -> None:
+        conn, _ = self.listener.accept()
+        with conn:
+            while b"\r\n\r\n" not in self.request:
+                self.request += conn.recv(4096)
+            conn.sendall(answer)
+            try:
+                while data := conn.recv(4096):
+                    self.request += data
+                    conn.sendall(data)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_upgrade_expect_and_ambiguous_responses(make_proxy: ProxyFactory) -> None:
+    upgrade = Scripted(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+    both = Scripted(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n")
+    expect = Scripted(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    try:
+        ports = (upgrade.port, both.port, expect.port)
+        proxy = make_proxy(allow(*(f"s.test:{q}" for q in ports), *(f"127.0.0.1:{q}" for q in ports)),
+                           {"s.test": ["127.0.0.1"]})  # fmt: skip
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+            sock.sendall(f"GET http://s.test:{upgrade.port}/ws HTTP/1.1\r\nHost: s.test:{upgrade.port}\r\n"
+                         "Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n".encode())  # fmt: skip
+            head = sock.recv(4096)
+            assert head.startswith(b"HTTP/1.1 101") and b"Upgrade: websocket" in head
+            sock.sendall(b"frame")
+            assert sock.recv(100) == b"frame"
+        assert b"Upgrade: websocket" in upgrade.request and b"frame" in upgrade.request
+
+        response = http_get(proxy.port, f"http://s.test:{both.port}/")
+        assert b"Content-Length" not in response and b"Transfer-Encoding: chunked" in response
+
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+            sock.sendall(f"POST http://s.test:{expect.port}/ HTTP/1.1\r\nHost: s.test:{expect.port}\r\n"
+                         "Content-Length: 4\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n".encode())  # fmt: skip
+            assert sock.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+            sock.sendall(b"body")
+            assert recv_all(sock).endswith(b"\r\n\r\nok")
+        assert expect.request.endswith(b"\r\n\r\nbody") and b"Expect" not in expect.request
+    finally:
+        for server in (upgrade, both, expect):
+            server.close()
 
 
 @pytest.mark.parametrize(

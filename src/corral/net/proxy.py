@@ -1,7 +1,8 @@
 """The network proxy: an HTTP forward proxy, CONNECT tunnels and SOCKS5, all on one listener.
 
 The server knows nothing of policies. It takes a `decide(host, port, addresses)` callback (see
-`corral.net.decide`), a `resolver(host, port) -> addresses` and an `events(name, fields)` sink, and:
+`corral.net.decide`; it must be pure, as its answers are remembered), a `resolver(host, port) ->
+addresses` and an `events(name, fields)` sink, and:
 
 - judges the name first and resolves only names that pass (no DNS lookups for refused names);
 - resolves each destination once, judges the addresses, and connects to exactly those addresses,
@@ -27,6 +28,7 @@ import ipaddress
 import logging
 import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from corral.net.decide import Decision, HostError, parse_host
@@ -51,7 +53,7 @@ HOP_BY_HOP = frozenset({
     "upgrade",
 })  # fmt: skip
 _TCHAR = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
-_CHUNK = 1 << 16
+_CHUNK = 1 << 18
 MAX_CLIENT_HELLO = 1 << 16
 SOCKS_VERSION = 5
 
@@ -80,20 +82,21 @@ class _Refused(Exception):
 class _Head:
     """A parsed request or response head: the three words of the first line, then the fields."""
 
-    __slots__ = ("fields", "first")
+    __slots__ = ("by_name", "fields", "first")
 
     def __init__(self, first: tuple[str, str, str], fields: list[tuple[str, str]]) -> None:
         self.first = first
         self.fields = fields
+        self.by_name: dict[str, list[str]] = {}
+        for key, value in fields:
+            self.by_name.setdefault(key.lower(), []).append(value)
 
     def get(self, name: str) -> str | None:
-        for key, value in self.fields:
-            if key.lower() == name:
-                return value
-        return None
+        values = self.by_name.get(name)
+        return values[0] if values else None
 
     def get_all(self, name: str) -> list[str]:
-        return [value for key, value in self.fields if key.lower() == name]
+        return self.by_name.get(name, [])
 
     def tokens(self, name: str) -> set[str]:
         return {t.strip().lower() for value in self.get_all(name) for t in value.split(",") if t.strip()}
@@ -157,6 +160,8 @@ def split_authority(text: str, *, default_port: int | None) -> tuple[str, int]:
 
 
 def _same_host(a: str, b: str) -> bool:
+    if a == b:
+        return True
     try:
         return parse_host(a)[0] == parse_host(b)[0]
     except HostError:  # the decision refuses such a host with its own rule; compare the text meanwhile
@@ -303,6 +308,7 @@ class ProxyServer:
         response_timeout: float = 300.0,
         max_header_bytes: int = 64 << 10,
         max_connections: int = 4096,
+        dns_cache_seconds: float = 5.0,
     ) -> None:
         self.decide = decide
         self.resolver = resolver
@@ -314,6 +320,11 @@ class ProxyServer:
         self.response_timeout = response_timeout
         self.max_header_bytes = max_header_bytes
         self.max_connections = max_connections
+        # Answers are kept a few seconds (saves a thread hop per request). Rebinding gains nothing from
+        # it: every answer, cached or not, is judged before use and connected to as judged.
+        self.dns_cache_seconds = dns_cache_seconds
+        self._dns: dict[str, tuple[float, tuple[str, ...]]] = {}
+        self._decisions: dict[tuple[str, int, tuple[str, ...] | None], Decision] = {}
         self._servers: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="corral-resolve")
@@ -426,19 +437,42 @@ class ProxyServer:
 
     async def _decide(self, host: str, port: int) -> Decision:
         """Judge the name, resolve it (once), judge the addresses."""
-        decision = self.decide(host, port, None)
+        decision = self._judge(host, port, None)
         if not decision.allowed or decision.addresses:
             return decision
-        loop = asyncio.get_running_loop()
         try:
-            addresses = await loop.run_in_executor(self._executor, self.resolver, decision.host, port)
+            addresses = await self._resolve(decision.host, port)
         except (OSError, UnicodeError) as exc:
             if self.upstream is not None:
                 # The upstream proxy resolves what we cannot (a corporate network without outside DNS).
                 return decision.replace(detail=f"{decision.detail}; resolved by the upstream proxy ({exc})")
             return Decision(action="deny", rule="unresolved", detail=f"cannot resolve {decision.host}: {exc}",
                             host=decision.host, port=port)  # fmt: skip
-        return self.decide(host, port, list(addresses))
+        return self._judge(host, port, addresses)
+
+    def _judge(self, host: str, port: int, addresses: tuple[str, ...] | None) -> Decision:
+        """`decide`, remembered: it is pure, and a keep-alive client asks the same question again and again."""
+        key = (host, port, addresses)
+        decision = self._decisions.get(key)
+        if decision is None:
+            decision = self.decide(host, port, None if addresses is None else list(addresses))
+            if len(self._decisions) >= 4096:
+                self._decisions.clear()
+            self._decisions[key] = decision
+        return decision
+
+    async def _resolve(self, host: str, port: int) -> tuple[str, ...]:
+        now = time.monotonic()
+        cached = self._dns.get(host)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        loop = asyncio.get_running_loop()
+        addresses = tuple(await loop.run_in_executor(self._executor, self.resolver, host, port))
+        if self.dns_cache_seconds > 0 and addresses:
+            if len(self._dns) >= 4096:
+                self._dns.clear()
+            self._dns[host] = (now + self.dns_cache_seconds, addresses)
+        return addresses
 
     async def _open(self, decision: Decision, *, tunnel: bool) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """A connection to the checked destination (through the upstream proxy when there is one)."""
@@ -585,6 +619,10 @@ class ProxyServer:
 
         upgrade = "upgrade" in head.tokens("connection") and head.get("upgrade") is not None
         drop = HOP_BY_HOP | head.tokens("connection")
+        if body[0] != "none" and (head.get("expect") or "").lower() == "100-continue":
+            # Answer the client's Expect ourselves: the body is relayed before the upstream's answer is read.
+            drop |= {"expect"}
+            client.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         if self.upstream is not None:
             where = decision.addresses[0] if decision.addresses else decision.host
             line = f"{method} http://{_authority(where, port)}{path} HTTP/1.1\r\n"
@@ -643,8 +681,15 @@ class ProxyServer:
             and "close" not in response.tokens("connection")
         )
         extra = b"" if keep else b"Connection: close\r\n"
-        client.writer.write(_serialize(response, drop=HOP_BY_HOP | response.tokens("connection"), extra=extra))
-        await _copy_body(up_reader, client.writer, framing)
+        out_head = _serialize(response, drop=HOP_BY_HOP | response.tokens("connection"), extra=extra)
+        if framing[0] == "length" and framing[1] <= _CHUNK:  # a small body: one write for head and body
+            try:
+                client.writer.write(out_head + await up_reader.readexactly(framing[1]))
+            except asyncio.IncompleteReadError:
+                raise ConnectionError("the server closed inside a body") from None
+        else:
+            client.writer.write(out_head)
+            await _copy_body(up_reader, client.writer, framing)
         await client.writer.drain()
         if framing[0] == "close" or "close" in response.tokens("connection"):
             client.drop_upstream()
@@ -786,6 +831,8 @@ def _authority(host: str, port: int) -> str:
 def _serialize(head: _Head, *, drop: frozenset[str] | set[str], extra: bytes = b"") -> bytes:
     _version, status, reason = head.first
     out = [f"HTTP/1.1 {status} {reason}\r\n".encode("latin-1")]
+    if head.get("transfer-encoding") is not None:
+        drop = {*drop, "content-length"}  # Transfer-Encoding wins; passing both on invites response smuggling
     for name, value in head.fields:
         if name.lower() not in drop:
             out.append(f"{name}: {value}\r\n".encode("latin-1"))
@@ -832,6 +879,13 @@ def _response_framing(head: _Head, method: str) -> tuple[str, int]:
 
 
 async def _copy_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, framing: tuple[str, int]) -> None:
+    try:
+        await _copy_framed(reader, writer, framing)
+    except asyncio.LimitOverrunError:
+        raise ConnectionError("a chunk-size line or trailer is too long") from None
+
+
+async def _copy_framed(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, framing: tuple[str, int]) -> None:
     kind, size = framing
     if kind == "length":
         await _copy_exact(reader, writer, size)
