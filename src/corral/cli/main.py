@@ -32,7 +32,7 @@ RUN_FLAGS: dict[str, tuple[str | None, bool, str]] = {
     "--no-config": (None, False, "ignore config files"),
     "--zone": ("HOST[:MOUNT][:ro|rw]", True, "add a zone (read-only unless :rw)"),
     "--tmpfs": ("MOUNT[:SIZE]", True, "add a tmpfs zone"),
-    "--net": ("MODE", False, "none (default), host, or allow:DOMAIN[:PORT],..."),
+    "--net": ("MODE", False, "none (default), host, or allow:DOMAIN[:PORT],ADDRESS[:PORT],CIDR,..."),
     "--memory": ("SIZE", False, "memory limit, e.g. 512M"),
     "--cpus": ("N", False, "CPU limit, e.g. 1.5"),
     "--pids": ("N", False, "process limit"),

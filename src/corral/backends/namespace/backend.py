@@ -98,6 +98,7 @@ class NamespaceBackend(Backend):
         if "memory" not in cgroups.controllers:
             notes.append("memory limit is an RLIMIT_DATA per process (no memory cgroup here)")
         notes.append("Landlock is layered inside live sandboxes where the kernel has it")
+        notes.append("network 'allow': loopback only inside; a host proxy (HTTP, CONNECT, SOCKS5) via a unix socket")
         return Capabilities(
             name=self.name, available=True, strength=self.strength, enforces=frozenset(enforces),
             limits_via=cgroups.describe, notes=tuple(notes),
