@@ -11,27 +11,40 @@ Two uses:
   an extra child), and execs the command in its own place.
 
 One thread, one selector, non-blocking sockets (no thread per connection: the pids limit counts
-threads). Stdlib only, Python >= 3.8.
+threads). Stdlib only, Python >= 3.8. A one-shot run waits for this script before its command
+starts, so the script binds with `_socket` and leaves `socket` and `selectors` (which import `enum`,
+`math`, ...) to the daemon.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import selectors
-import socket
 import sys
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import socket
 
 _CHUNK = 1 << 16
 _AGAIN = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR)
 
 
 def listen(port: int) -> socket.socket:
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    import socket
+
+    return socket.socket(fileno=_listen_fd(port))
+
+
+def _listen_fd(port: int) -> int:
+    """A listening TCP socket on 127.0.0.1:`port`, as a descriptor (close-on-exec)."""
+    import _socket
+
+    listener = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
+    listener.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
     listener.bind(("127.0.0.1", port))
     listener.listen(1024)
-    return listener
+    return int(listener.detach())
 
 
 class _Side:
@@ -58,6 +71,9 @@ class _Pair:
 
 def serve(listener: socket.socket, target: str) -> None:
     """Relay forever: each connection accepted on `listener` to a new connection to the unix socket `target`."""
+    import selectors
+    import socket
+
     listener.setblocking(False)
     sel = selectors.DefaultSelector()
     sel.register(listener, selectors.EVENT_READ, None)
@@ -143,6 +159,8 @@ def serve(listener: socket.socket, target: str) -> None:
 
 
 def accept(listener: socket.socket, target: str, owner: dict, update) -> None:  # type: ignore[type-arg,no-untyped-def]
+    import socket
+
     while True:
         try:
             client, _ = listener.accept()
@@ -184,7 +202,7 @@ def main(argv: list) -> int:  # type: ignore[type-arg]
     if not command:
         sys.stderr.write("forward.py: no command\n")
         return 2
-    listener = listen(port)
+    fd = _listen_fd(port)
     child = os.fork()
     if child == 0:
         try:
@@ -192,13 +210,15 @@ def main(argv: list) -> int:  # type: ignore[type-arg]
                 os._exit(0)  # the daemon is orphaned and adopted by the sandbox's init
             os.setsid()
             null = os.open(os.devnull, os.O_RDWR)
-            for fd in (0, 1, 2):
-                os.dup2(null, fd)
-            serve(listener, target)
+            for stdio in (0, 1, 2):
+                os.dup2(null, stdio)
+            import socket
+
+            serve(socket.socket(fileno=fd), target)
         finally:
             os._exit(0)
     os.waitpid(child, 0)
-    listener.close()
+    os.close(fd)
     try:
         os.execvp(command[0], command)
     except OSError as exc:
