@@ -376,9 +376,11 @@ class ProxyServer:
             return
         self._tasks.add(task)
         client = _Client(reader, writer)
+        # One deadline for the whole request head (or SOCKS greeting), from the moment of connection.
+        deadline = asyncio.get_running_loop().time() + self.header_timeout
         try:
             try:
-                async with asyncio.timeout(self.header_timeout):
+                async with asyncio.timeout_at(deadline):
                     first = await reader.readexactly(1)
             except (asyncio.IncompleteReadError, ConnectionError):
                 return
@@ -386,9 +388,9 @@ class ProxyServer:
                 self._emit("net.error", {"error": f"nothing received within {self.header_timeout:g}s"})
                 return
             if first[0] == SOCKS_VERSION:
-                await self._socks5(client)
+                await self._socks5(client, deadline)
             else:
-                await self._http(client, first)
+                await self._http(client, first, deadline)
         except asyncio.CancelledError:
             pass
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -400,10 +402,10 @@ class ProxyServer:
             client.drop_upstream()
             _close(writer)
 
-    async def _read_head(self, reader: asyncio.StreamReader, prefix: bytes = b"") -> bytes:
-        """A head within header_timeout and max_header_bytes. Raises _Refused (408/431/400)."""
+    async def _read_head(self, reader: asyncio.StreamReader, prefix: bytes, deadline: float) -> bytes:
+        """A head by `deadline`, within max_header_bytes. Raises _Refused (408/431/400)."""
         try:
-            async with asyncio.timeout(self.header_timeout):
+            async with asyncio.timeout_at(deadline):
                 rest = await reader.readuntil(b"\r\n\r\n")
         except TimeoutError:
             raise _Refused(408, "Request Timeout", f"request head not received within {self.header_timeout:g}s",
@@ -508,11 +510,11 @@ class ProxyServer:
             raise OSError(f"connecting to {host} port {port} timed out") from None
 
     # ------------------------------------------------------------------ HTTP
-    async def _http(self, client: _Client, first: bytes) -> None:
+    async def _http(self, client: _Client, first: bytes, deadline: float) -> None:
         prefix = first
         while True:
             try:
-                data = await self._read_head(client.reader, prefix)
+                data = await self._read_head(client.reader, prefix, deadline)
                 head = parse_head(data)
             except _Refused as refused:
                 await self._refuse(client, refused, "http")
@@ -535,6 +537,7 @@ class ProxyServer:
                     prefix = await client.reader.readexactly(1)
             except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
                 return
+            deadline = asyncio.get_running_loop().time() + self.header_timeout
 
     async def _connect_method(self, client: _Client, head: _Head) -> None:
         try:
@@ -696,10 +699,10 @@ class ProxyServer:
         return keep
 
     # ------------------------------------------------------------------ SOCKS5
-    async def _socks5(self, client: _Client) -> None:
+    async def _socks5(self, client: _Client, deadline: float) -> None:
         reader, writer = client.reader, client.writer
         try:
-            async with asyncio.timeout(self.header_timeout):
+            async with asyncio.timeout_at(deadline):
                 count = (await reader.readexactly(1))[0]
                 methods = await reader.readexactly(count)
                 if 0 not in methods:
