@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import socket
 import tempfile
 import threading
@@ -25,6 +26,10 @@ from corral.backends.namespace.backend import NamespaceBackend
 from corral.policy.resolve import resolve
 from tests.conftest import corral_cli
 from tests.net.conftest import Origin
+
+needs_curl = pytest.mark.skipif(
+    shutil.which("curl", path="/usr/bin:/bin") is None, reason="curl is not installed (apt-get install curl)"
+)
 
 
 def names(host: str, port: int) -> list[str]:
@@ -77,6 +82,7 @@ except OSError as e:
 """
 
 
+@needs_curl
 @pytest.mark.usefixtures("namespace_ok")
 def test_namespace_one_shot_curl_and_python(workdir: Path, origin: Origin) -> None:
     p = origin.port
@@ -107,6 +113,7 @@ def test_namespace_one_shot_curl_and_python(workdir: Path, origin: Origin) -> No
     ]  # fmt: skip
 
 
+@needs_curl
 @pytest.mark.usefixtures("namespace_ok")
 def test_live_sandbox_audit_and_proxy_lifetime(workdir: Path, origin: Origin, tmp_path: Path) -> None:
     p = origin.port
@@ -137,6 +144,7 @@ def test_network_none_has_no_proxy_and_no_socket(workdir: Path) -> None:
     assert r.stdout_text.strip() == "0" and "No such file" in r.stderr_text
 
 
+@needs_curl
 @pytest.mark.usefixtures("namespace_ok")
 def test_cli_allow_deny_and_audit(workdir: Path, origin: Origin, tmp_path: Path) -> None:
     p = origin.port
