@@ -21,6 +21,7 @@ BACKENDS: dict[str, tuple[str, str, int]] = {
     "process": ("corral.backends.process", "ProcessBackend", 0),
     "landlock": ("corral.backends.landlock", "LandlockBackend", 20),
     "namespace": ("corral.backends.namespace.backend", "NamespaceBackend", 30),
+    "microvm": ("corral.backends.microvm.backend", "MicrovmBackend", 60),
 }
 AUTO_ORDER = ("namespace", "landlock")
 PROBE_CACHE_VERSION = "1"
