@@ -74,9 +74,12 @@ class MicrovmBackend(Backend):
     name = "microvm"
     strength = 60
 
-    def __init__(self) -> None:
+    def __init__(self, *, restore: bool = True) -> None:
+        """`restore=False` always boots (and saves no state): for measuring and testing the boot path."""
+        self._restore = restore
         self._image: GuestImage | None = None
         self._accel: str | None = None
+        self._caps: Capabilities | None = None
 
     # ------------------------------------------------------------------ set-up
     @property
@@ -141,6 +144,11 @@ class MicrovmBackend(Backend):
     # ------------------------------------------------------------------ probe
     def probe(self) -> Capabilities:
         """Boot a real guest (KVM when it works, else emulation) and look inside a command's sandbox."""
+        if self._caps is None:
+            self._caps = self._probe()
+        return self._caps
+
+    def _probe(self) -> Capabilities:
         try:
             self.qemu  # noqa: B018
             accel = self.accel()
@@ -198,7 +206,7 @@ class MicrovmBackend(Backend):
         if rp.limits.memory is not None:
             memory = max(memory, -(-rp.limits.memory // (1 << 20)) + GUEST_OVERHEAD_MIB)
         started = time.monotonic()
-        standard = sum(1 for z in rp.zones if z.host is not None) <= ZONE_SLOTS
+        standard = self._restore and sum(1 for z in rp.zones if z.host is not None) <= ZONE_SLOTS
         state = None
         if standard:
             key = _state_key(self.qemu, image, accel, layout, memory, _cpus(rp))
