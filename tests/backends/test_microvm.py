@@ -72,9 +72,17 @@ def test_layout_has_fixed_slots_and_guest_paths(tmp_path: Path) -> None:
     layout = plan(rp, empty_dir="/empty")
     sys_shares = [s for s in layout.shares if s.tag.startswith("sys")]
     zone_shares = [s for s in layout.shares if s.tag.startswith("z")]
-    assert all(s.readonly for s in sys_shares) and {s.path for s in sys_shares} <= {"/usr", "/bin", "/lib", "/etc/ssl",
-                                                                                     "/etc/alternatives", "/sbin",
-                                                                                     "/lib64", "/lib32", "/libx32"}
+    assert all(s.readonly for s in sys_shares) and {s.path for s in sys_shares} <= {
+        "/usr",
+        "/bin",
+        "/lib",
+        "/etc/ssl",
+        "/etc/alternatives",
+        "/sbin",
+        "/lib64",
+        "/lib32",
+        "/libx32",
+    }
     assert len(zone_shares) == ZONE_SLOTS
     # Zones in mount order (parents first): /data, then the workspace.
     assert zone_shares[0] == Share(tag="z0", path=str(data), readonly=True)
@@ -252,3 +260,26 @@ def test_conformance(microvm, check, workdir: Path) -> None:  # type: ignore[no-
         run_check(check, lambda: microvm, str(workdir))
     except Skip as exc:
         pytest.skip(str(exc))
+
+
+@pytest.mark.slow
+def test_escape_battery(microvm, tmp_path_factory: pytest.TempPathFactory) -> None:  # type: ignore[no-untyped-def]
+    """The shared escape and limit battery (corral.selftest), every attack inside the VM."""
+    from corral.selftest.battery import BATTERY, AttackContext, Breach, NotApplicable
+
+    enforces = microvm.probe().enforces
+    breaches, ran = [], 0
+    for attack in BATTERY:
+        if attack.requires - enforces:
+            continue
+        with AttackContext(microvm, base=str(tmp_path_factory.getbasetemp())) as ctx:
+            try:
+                attack.fn(ctx)
+                ctx.host_unchanged()
+                ran += 1
+            except NotApplicable:
+                continue
+            except Breach as exc:
+                breaches.append(f"{attack.title}: {exc}")
+    assert not breaches, breaches
+    assert ran >= 25, ran

@@ -115,7 +115,7 @@ class GuestAgent:
         self.execs = {}  # type: dict[int, Exec]
         self.by_pid = {}  # type: dict[int, Exec]
         self.by_fd = {}  # type: dict[int, Exec]
-        self.etc = []  # type: list
+        self.etc = []  # type: list[tuple[str, bytes]]
         self.seccomp = b""
         self.ready = False
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -132,8 +132,10 @@ class GuestAgent:
                 f.write(entropy)
         for share in msg.get("shares", []):
             os.makedirs(share["target"], exist_ok=True)
-            opts = "trans=virtio,version=9p2000.L,msize=%d,cache=%s" % (int(share.get("msize", 262144)),
-                                                                       share.get("cache", "none"))
+            opts = "trans=virtio,version=9p2000.L,msize=%d,cache=%s" % (
+                int(share.get("msize", 262144)),
+                share.get("cache", "none"),
+            )
             if share.get("ro"):
                 opts += ",ro"
             _run([BUSYBOX, "mount", "-t", "9p", "-o", opts, share["tag"], share["target"]])
@@ -193,15 +195,19 @@ class GuestAgent:
             out_r, out_w = (_high(fd) for fd in os.pipe())
             err_r, err_w = (_high(fd) for fd in os.pipe())
             opened += [out_w, err_w]
-            actions += [(os.POSIX_SPAWN_DUP2, in_r, 0), (os.POSIX_SPAWN_DUP2, out_w, 1),
-                        (os.POSIX_SPAWN_DUP2, err_w, 2)]
+            actions += [
+                (os.POSIX_SPAWN_DUP2, in_r, 0),
+                (os.POSIX_SPAWN_DUP2, out_w, 1),
+                (os.POSIX_SPAWN_DUP2, err_w, 2),
+            ]
             ex.pipes = {out_r: stream.STDOUT, err_r: stream.STDERR}
             ex.cgroup = "%s/e%d" % (SANDBOX_CG, ident)
             os.makedirs(ex.cgroup, exist_ok=True)
             ex.oom_before = _read_counter(SANDBOX_CG + "/memory.events", "oom_kill")
             ex.pids_before = _read_counter(SANDBOX_CG + "/pids.events", "max")
-            ex.pid = os.posix_spawn(argv[0], argv, env, file_actions=actions, setsid=True,
-                                    setsigdef=_DEFAULT_SIGNALS, setsigmask=())
+            ex.pid = os.posix_spawn(
+                argv[0], argv, env, file_actions=actions, setsid=True, setsigdef=_DEFAULT_SIGNALS, setsigmask=()
+            )
         except OSError as exc:
             for fd in opened:
                 os.close(fd)
@@ -405,7 +411,7 @@ class GuestAgent:
                 events = self.poller.poll()
             except InterruptedError:
                 continue
-            for fd, event in events:
+            for fd, _event in events:
                 if fd == self.wake_r:
                     try:
                         os.read(self.wake_r, 4096)

@@ -102,7 +102,7 @@ class MicrovmBackend(Backend):
         return self._image
 
     def accel(self) -> str:
-        """"kvm" when KVM really boots a guest here, else "tcg" (checked once, remembered in the cache)."""
+        """ "kvm" when KVM really boots a guest here, else "tcg" (checked once, remembered in the cache)."""
         if self._accel is not None:
             return self._accel
         forced = os.environ.get("CORRAL_MICROVM_ACCEL")
@@ -122,7 +122,7 @@ class MicrovmBackend(Backend):
         accel = "tcg"
         if os.access("/dev/kvm", os.R_OK | os.W_OK):
             try:
-                vm, client, workdir = self._launch(image, "kvm", self._empty_layout(), None, timeout=KVM_CHECK_TIMEOUT)
+                vm, _client, workdir = self._launch(image, "kvm", self._empty_layout(), None, timeout=KVM_CHECK_TIMEOUT)
                 vm.kill()
                 shutil.rmtree(workdir, ignore_errors=True)
                 accel = "kvm"
@@ -256,7 +256,7 @@ class MicrovmBackend(Backend):
     ) -> tuple[QemuVm, StreamClient, str]:
         """Start QEMU (booting, or restoring `state`) and wait until the guest agent is there."""
         from corral.backends.microvm.client import StreamClient
-        from corral.backends.microvm.qemu import Qmp, QemuVm, VmSpec, host_tsc_khz, kernel_cmdline, qemu_argv
+        from corral.backends.microvm.qemu import QemuVm, Qmp, VmSpec, host_tsc_khz, kernel_cmdline, qemu_argv
         from corral.kernel.spawn import Child, spawn
 
         workdir = tempfile.mkdtemp(prefix="corral-microvm-")
@@ -267,7 +267,8 @@ class MicrovmBackend(Backend):
         if state is not None:
             state_fd = os.open(state, os.O_RDONLY | os.O_CLOEXEC)
             passed.append(state_fd)
-        spec: VmSpec = VmSpec(kernel=image.kernel, initramfs=image.initramfs, cmdline=kernel_cmdline(accel, host_tsc_khz()),
+        cmdline = kernel_cmdline(accel, host_tsc_khz())
+        spec: VmSpec = VmSpec(kernel=image.kernel, initramfs=image.initramfs, cmdline=cmdline,
                               memory_mib=memory, cpus=cpus, accel=accel, shares=layout.shares,
                               agent_fd=vm_agent.fileno(), qmp_fd=vm_qmp.fileno(),
                               console=os.path.join(workdir, "console.log"), incoming_fd=state_fd)  # fmt: skip
@@ -384,8 +385,10 @@ class MicrovmSandbox(LiveSandbox):
                                rule="zones")  # fmt: skip
 
     def get_file(self, path: str, *, max_bytes: int = 64 << 20) -> bytes:
-        script = ('[ -f "$1" ] || { echo "$1: not a regular file" >&2; exit 1; }; '
-                  '[ "$(wc -c < "$1")" -le "$2" ] || { echo "$1: larger than $2 bytes" >&2; exit 1; }; exec cat "$1"')
+        script = (
+            '[ -f "$1" ] || { echo "$1: not a regular file" >&2; exit 1; }; '
+            '[ "$(wc -c < "$1")" -le "$2" ] || { echo "$1: larger than $2 bytes" >&2; exit 1; }; exec cat "$1"'
+        )
         r = self.exec(["/bin/sh", "-c", script, "sh", self._absolute(path), str(max_bytes)], timeout=None)
         if not r.ok:
             raise PolicyDenied(f"cannot read {path} in the sandbox: {r.stderr_text.strip() or r.detail}",
@@ -449,7 +452,8 @@ def _wait_running(vm: QemuVm, timeout: float) -> None:
         state = status.get("status") if isinstance(status, dict) else None
         if state == "running":
             return
-        if state not in ("inmigrate", "prelaunch", "restore-vm", "paused", "postmigrate") or time.monotonic() > deadline:
+        waiting = ("inmigrate", "prelaunch", "restore-vm", "paused", "postmigrate")
+        if state not in waiting or time.monotonic() > deadline:
             raise LaunchError(f"the restored VM is {state!r}, not running")
         if state in ("paused", "postmigrate"):
             vm.qmp.command("cont")

@@ -35,13 +35,24 @@ class StreamClient:
         except OSError as exc:
             raise SandboxLost(f"the VM is gone ({exc.strerror})") from exc
 
-    def _frames(self, timeout: float | None) -> list[tuple[int, int, bytes]]:
-        """The next frames, waiting at most `timeout` seconds ([] when nothing came)."""
+    def _frames(
+        self, timeout: float | None, *, extra: int | None = None, outgoing: Outbox | None = None
+    ) -> list[tuple[int, int, bytes]]:
+        """The next frames, waiting at most `timeout` seconds. Meanwhile `outgoing` is sent as far as the
+        channel takes it (never blocking: the guest may be busy sending us output). [] when nothing came
+        or when `extra` (a descriptor to forward) became readable."""
         if self._pending:
             out, self._pending = self._pending, []
             return out
-        ready = select.select([self.sock], [], [], timeout)[0]
-        if not ready:
+        readers: list[int] = [self.sock.fileno(), *([extra] if extra is not None else [])]
+        writers: list[int] = [self.sock.fileno()] if outgoing else []
+        ready, writable, _ = select.select(readers, writers, [], timeout)
+        if writable and outgoing:
+            try:
+                outgoing.send_some(self.sock)
+            except OSError as exc:
+                raise SandboxLost(f"the VM is gone ({exc.strerror})") from exc
+        if self.sock.fileno() not in ready:
             return []
         try:
             chunk = self.sock.recv(1 << 18)
@@ -95,13 +106,12 @@ class StreamClient:
             ident = self._next_id
             request = {"op": "exec", "argv": list(argv), "env": dict(env), "stdin": stdin is not None,
                        "rlimits": dict(rlimits)}  # fmt: skip
-            data = stream.message(ident, request)
-            if isinstance(stdin, int):
-                stdin = _read_fd(stdin)
-            if stdin is not None:
-                data += b"".join(stream.data_frames(stream.STDIN, ident, stdin)) + stream.frame(stream.STDIN, ident)
-            self._send(data)
-            return self._collect(ident, deadline, output_limit, on_output, output)
+            self._send(stream.message(ident, request))
+            outgoing = Outbox([])
+            if isinstance(stdin, bytes):
+                outgoing.frames = [*stream.data_frames(stream.STDIN, ident, stdin), stream.frame(stream.STDIN, ident)]
+            stdin_fd = stdin if isinstance(stdin, int) else None
+            return self._collect(ident, deadline, output_limit, on_output, output, stdin_fd, outgoing)
 
     def _collect(
         self,
@@ -110,11 +120,15 @@ class StreamClient:
         output_limit: int | None,
         on_output: Callable[[str, bytes], None] | None,
         output: tuple[int, int] | None,
+        stdin_fd: int | None = None,
+        outgoing: Outbox | None = None,
     ) -> tuple[dict[str, object], Pumped]:
+        """Output and the end of exec `ident`; a host `stdin_fd` is forwarded as it becomes readable
+        (a pipe or a terminal may never reach end-of-file: the command's end ends the forwarding)."""
         out = Pumped()
-        for name in ("stdout", "stderr"):
-            out.data[name] = bytearray()
-            out.truncated[name] = False
+        for stream_name in ("stdout", "stderr"):
+            out.data[stream_name] = bytearray()
+            out.truncated[stream_name] = False
         capture = output_limit if output_limit is not None else DEFAULT_CAPTURE
         killed_at: float | None = None
 
@@ -122,6 +136,11 @@ class StreamClient:
             nonlocal killed_at
             if killed_at is None:
                 killed_at = time.monotonic()
+                if outgoing is not None:  # stdin not sent yet is dropped (after the frame in flight)
+                    try:
+                        outgoing.drop(self.sock)
+                    except OSError as exc:
+                        raise SandboxLost(f"the VM is gone ({exc.strerror})") from exc
                 self._send(stream.message(ident, {"op": "signal", "signal": 9}))
 
         while True:
@@ -133,7 +152,10 @@ class StreamClient:
                 raise SandboxLost("the guest did not stop a killed command")
             wait_until = deadline if killed_at is None else killed_at + _KILL_GRACE
             timeout = None if wait_until is None else max(0.0, wait_until - now)
-            for kind, frame_id, payload in self._frames(timeout):
+            if stdin_fd is not None and not outgoing and self._forward(ident, stdin_fd):
+                stdin_fd = None
+            frames = self._frames(timeout, extra=stdin_fd if not outgoing else None, outgoing=outgoing)
+            for kind, frame_id, payload in frames:
                 if frame_id != ident:
                     continue
                 if kind == stream.MSG:
@@ -141,9 +163,10 @@ class StreamClient:
                     if body.get("exit"):
                         return body, out
                     continue
-                name = stream.STREAM_NAMES.get(kind)
-                if name is None or killed_at is not None and out.output_exceeded:
+                found = stream.STREAM_NAMES.get(kind)
+                if found is None or (killed_at is not None and out.output_exceeded):
                     continue
+                name = found
                 if output is not None:
                     stream.write_all(output[0] if name == "stdout" else output[1], payload)
                     continue
@@ -161,6 +184,19 @@ class StreamClient:
                     out.output_exceeded = True
                     kill()
 
+    def _forward(self, ident: int, fd: int) -> bool:
+        """Send what `fd` has now as stdin; True at its end (an end-of-file frame is sent)."""
+        if not select.select([fd], [], [], 0)[0]:
+            return False
+        try:
+            chunk = os.read(fd, stream.CHUNK)
+        except BlockingIOError:
+            return False
+        except OSError:
+            chunk = b""
+        self._send(stream.frame(stream.STDIN, ident, chunk))
+        return not chunk
+
     def stop(self) -> None:
         try:
             with self.lock:
@@ -170,8 +206,31 @@ class StreamClient:
         self.sock.close()
 
 
-def _read_fd(fd: int) -> bytes:
-    chunks = []
-    while chunk := os.read(fd, 1 << 20):
-        chunks.append(chunk)
-    return b"".join(chunks)
+class Outbox:
+    """Frames waiting to go to the guest, sent as far as the channel takes them without blocking."""
+
+    def __init__(self, frames: list[bytes]) -> None:
+        self.frames = frames
+        self.offset = 0  # bytes of frames[0] already sent
+
+    def __bool__(self) -> bool:
+        return bool(self.frames)
+
+    def send_some(self, sock: socket.socket) -> None:
+        while self.frames:
+            try:
+                sent = sock.send(self.frames[0][self.offset :], socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            self.offset += sent
+            if self.offset < len(self.frames[0]):
+                return
+            self.frames.pop(0)
+            self.offset = 0
+
+    def drop(self, sock: socket.socket) -> None:
+        """Finish the frame in flight (at most one chunk), forget the rest."""
+        if self.frames and self.offset:
+            sock.sendall(self.frames[0][self.offset :])
+        self.frames = []
+        self.offset = 0

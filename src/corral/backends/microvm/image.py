@@ -20,7 +20,6 @@ import os
 import shutil
 import stat
 import subprocess
-import sys
 import tempfile
 
 from corral._record import Record
@@ -56,7 +55,7 @@ exec $B chroot . /bin/busybox env -i /corral/python -E -s -S -B /corral/agent/gu
 class GuestImage(Record):
     """A bootable guest: kernel, initramfs and the key saved states must match."""
 
-    __slots__ = ("initramfs", "kernel", "key", "kernel_release")
+    __slots__ = ("initramfs", "kernel", "kernel_release", "key")
     kernel: str
     initramfs: str
     key: str  # a hash of everything in the image
@@ -342,14 +341,11 @@ def python_files(python: str) -> list[str]:
     for path in sorted(set(out.stdout.split())):
         files.append(path)
         if path.endswith(".py"):
-            tag = sys.implementation.cache_tag if python == sys.executable else None
-            cache = os.path.join(os.path.dirname(path), "__pycache__")
-            base = os.path.basename(path)[:-3]
-            if os.path.isdir(cache):
-                for name in os.listdir(cache):
-                    if name.startswith(base + ".") and name.endswith(".pyc") and name.count(".") == 2:
-                        if tag is None or tag in name:
-                            files.append(os.path.join(cache, name))
+            # Compiled bytecode, when the host has it, spares the guest compiling at every boot.
+            tag = "cpython-" + os.path.basename(python)[len("python") :].replace(".", "")
+            cached = os.path.join(os.path.dirname(path), "__pycache__", f"{os.path.basename(path)[:-3]}.{tag}.pyc")
+            if os.path.isfile(cached):
+                files.append(cached)
         elif path.endswith(".so"):
             files.extend(shared_libraries(path))
     # The interpreter finds its prefix through this landmark.

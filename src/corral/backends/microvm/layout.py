@@ -14,8 +14,8 @@ zones at the same mount points, the same synthesized /etc, the same seccomp filt
 from __future__ import annotations
 
 from corral._record import Record
+from corral.backends.microvm.qemu import Share
 from corral.backends.namespace.argv import LaunchFds, bwrap_argv
-from corral.errors import UnsupportedPolicy
 from corral.policy.resolve import Mount, ResolvedZone
 
 TYPE_CHECKING = False
@@ -23,8 +23,6 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from corral.policy.resolve import ResolvedPolicy
-
-from corral.backends.microvm.qemu import Share
 
 ZONE_SLOTS = 8
 GUEST_BWRAP = "/corral/bin/bwrap"
