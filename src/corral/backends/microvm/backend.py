@@ -212,13 +212,26 @@ class MicrovmBackend(Backend):
             key = _state_key(self.qemu, image, accel, layout, memory, _cpus(rp))
             state = os.path.join(cache_dir(), f"state-{key}.bin")
         restored = state is not None and os.path.isfile(state)
+        if restored and state is not None:
+            os.utime(state)  # most recently used: kept by pruning
         timeout = BOOT_TIMEOUT[accel]
-        vm, client, workdir = self._launch(image, accel, layout, state if restored else None, timeout=timeout,
-                                           memory=memory, cpus=_cpus(rp))  # fmt: skip
+        try:
+            vm, client, workdir = self._launch(image, accel, layout, state if restored else None, timeout=timeout,
+                                               memory=memory, cpus=_cpus(rp))  # fmt: skip
+        except LaunchError as exc:
+            if not restored or state is None:
+                raise
+            # A saved state QEMU cannot load (truncated, another QEMU build): forget it and boot.
+            log.warning("could not restore %s (%s): booting instead", state, exc)
+            _unlink(state)
+            restored = False
+            vm, client, workdir = self._launch(image, accel, layout, None, timeout=timeout, memory=memory,
+                                               cpus=_cpus(rp))  # fmt: skip
         try:
             if state is not None and not restored:
                 try:
                     vm.save_state(state)
+                    _prune(cache_dir(), "state-", ".bin", keep=4)
                 except LaunchError as exc:  # the sandbox works without it; later ones boot too
                     log.warning("could not save the VM state for fast start: %s", exc)
             hello = {
@@ -410,6 +423,31 @@ class MicrovmSandbox(LiveSandbox):
             self.vm.kill()
         finally:
             shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _prune(directory: str, prefix: str, suffix: str, *, keep: int) -> None:
+    """Remove all but the `keep` most recently used cache files named PREFIX*SUFFIX (saved states are big)."""
+    try:
+        names = [n for n in os.listdir(directory) if n.startswith(prefix) and n.endswith(suffix)]
+    except OSError:
+        return
+    paths = sorted((os.path.join(directory, n) for n in names), key=_mtime, reverse=True)
+    for path in paths[keep:]:
+        _unlink(path)
+
+
+def _mtime(path: str) -> float:
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return 0.0
 
 
 def _int(value: object) -> int:

@@ -447,4 +447,17 @@ def ensure_image() -> GuestImage:
             f.write(data)
         os.replace(tmp, path)
         log.info("built guest initramfs %s (%d bytes)", path, len(data))
+        _prune_images(keep=3)
     return GuestImage(kernel=kernel.image, initramfs=path, key=key, kernel_release=kernel.release)
+
+
+def _prune_images(*, keep: int) -> None:
+    """Forget all but the `keep` newest initramfs images (an image per corral version or kernel)."""
+    root = cache_dir()
+    paths = [os.path.join(root, n) for n in os.listdir(root) if n.startswith("initramfs-") and n.endswith(".cpio")]
+    paths.sort(key=lambda p: os.stat(p).st_mtime, reverse=True)
+    for path in paths[keep:]:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
