@@ -183,7 +183,7 @@ class MicrovmBackend(Backend):
                                 fix="report this as a corral bug")  # fmt: skip
         image = self.image()
         notes = [f"accelerator: {accel}" + ("" if accel == "kvm" else f" ({TCG_NOTE})"),
-                 f"guest kernel {image.kernel_release}; QEMU {_qemu_version(self.qemu)}",
+                 f"guest kernel {image.kernel_release}; {_qemu_label(self.qemu)}",
                  "each command runs in a bubblewrap sandbox inside the VM; no network device"]  # fmt: skip
         return Capabilities(name=self.name, available=True, strength=self.strength, enforces=ENFORCES,
                             limits_via="guest cgroup v2", notes=tuple(notes))  # fmt: skip
@@ -481,6 +481,14 @@ def _state_key(qemu: str, image: GuestImage, accel: str, layout: Layout, memory:
 def _qemu_version(qemu: str) -> str:
     st = os.stat(qemu)
     return f"{st.st_size}-{int(st.st_mtime)}"
+
+
+def _qemu_label(qemu: str) -> str:
+    import subprocess
+
+    out = subprocess.run([qemu, "--version"], capture_output=True, text=True, check=False).stdout
+    words = out.split()
+    return f"QEMU {words[3]}" if len(words) > 3 and words[2] == "version" else f"QEMU at {qemu}"
 
 
 def _wait_running(vm: QemuVm, timeout: float) -> None:
