@@ -23,6 +23,7 @@ BACKENDS: dict[str, tuple[str, str, int]] = {
     "namespace": ("corral.backends.namespace.backend", "NamespaceBackend", 30),
     # WASI modules, not shell commands: never chosen by `auto`.
     "wasm": ("corral.backends.wasm.backend", "WasmBackend", 35),
+    "microvm": ("corral.backends.microvm.backend", "MicrovmBackend", 60),
 }
 AUTO_ORDER = ("namespace", "landlock")
 PROBE_CACHE_VERSION = "1"
