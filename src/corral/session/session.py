@@ -310,16 +310,18 @@ class Session:
         tree = self.tree.write(self.store)
         return self.history.commit(tree, tool=tool, summary=summary, details=details)
 
-    def _record(self, known: Sequence[bytes] = ()) -> None:
-        """Bring the snapshot up to date: inotify's changes (plus `known`), or a full scan."""
+    def _record(self, known: Sequence[bytes] = ()) -> str:
+        """Bring the snapshot up to date: inotify's changes (plus `known`), or a full scan. Says which."""
         changes = self.watcher.collect()
         if changes is None:
             self.recorder.scan()
             self.watcher.rewatch()
-            return
+            return "scan"
         changes.paths.update(known)
         if not self.recorder.update(changes):
             self.recorder.scan()
+            return "scan (hard links)"
+        return "inotify"
 
     def _pending(self) -> None:
         """A full scan; what it finds that no step recorded becomes a step (before review, sync, rollback)."""
@@ -374,13 +376,14 @@ class Session:
             changed: tuple[str, ...] = ()
             ran = not (isinstance(result, Result) and result.reason == "denied")
             if mutating and ran:
-                self._record(known(result) if known is not None else ())
+                how = self._record(known(result) if known is not None else ())
                 changed = tuple(sorted(tools.show(p) for p in self.tree.touched))
                 self.tree.touched.clear()
+                duration = round(time.monotonic() - started, 6)
                 step = self._commit_tree(
                     tool,
                     summary,
-                    {"args": args, **details, "files": len(changed), "duration": round(time.monotonic() - started, 6)},
+                    {"args": args, **details, "files": len(changed), "recorded_by": how, "duration": duration},
                 )
             if mutating:
                 os.unlink(inflight)
@@ -527,13 +530,13 @@ class Session:
         )
         return tools.BashResult(command=command, result=result, step=step, changed=changed)
 
-    def call(self, tool: str, args: Mapping[str, object]) -> object:
+    def call(self, tool: str, args: Mapping[str, object]) -> tools.ToolResult:
         """Call a tool by name with keyword arguments (as the CLI and an MCP server do)."""
         spec = tools.SPECS.get(tool)
         if spec is None:
             raise ToolError(f"unknown tool {tool!r}; the tools are {', '.join(tools.SPECS)}", tool=tool)
         checked = tools.check_args(tool, args)
-        method: Callable[..., object] = getattr(self, tool)
+        method: Callable[..., tools.ToolResult] = getattr(self, tool)
         return method(**checked)
 
     # ------------------------------------------------------------------------------ review

@@ -596,6 +596,9 @@ def search(
     )
 
 
+ToolResult = ReadResult | WriteResult | EditResult | ListResult | SearchResult | BashResult
+
+
 # ---------------------------------------------------------------------------------------- specs
 class Param(Record):
     __slots__ = ("default", "description", "kind", "name", "required")
