@@ -22,7 +22,7 @@ int main(void) {
 """
 CALC_H = "int add(int a, int b);\n"
 CALC_C = '#include "calc.h"\n\nint add(int a, int b) { return a + b; }\n'
-MAKEFILE = "app: main.c calc.c calc.h\n\tcc -o app main.c calc.c\n\ntest: app\n\ttest \"$$(./app)\" = 5\n"
+MAKEFILE = 'app: main.c calc.c calc.h\n\tcc -o app main.c calc.c\n\ntest: app\n\ttest "$$(./app)" = 5\n'
 
 
 def git(cwd: Path, *args: str) -> str:

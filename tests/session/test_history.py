@@ -39,8 +39,11 @@ def test_scripted_agent_edit_build_break_rollback(session: Session, project: Pat
     broken = session.bash("make app")
     assert broken.returncode != 0
     mess = {f.path: f for f in session.changes(session.step - 1).files}
-    assert {p: f.status for p, f in mess.items()} == {"README.md": "deleted", "calc.h": "modified",
-                                                      "docs/notes.md": "added"}
+    assert {p: f.status for p, f in mess.items()} == {
+        "README.md": "deleted",
+        "calc.h": "modified",
+        "docs/notes.md": "added",
+    }
     assert (mess["calc.h"].old_mode, mess["calc.h"].new_mode) == ("100644", "100755")
     assert tree_state(ws) != good_state
 

@@ -136,9 +136,8 @@ def test_policy_applies_to_tools(project: Path, data_dir: Path, namespace_ok: No
         assert s.bash("touch x.txt").returncode != 0  # the workspace zone is read-only in the sandbox too
         assert s.read_file("README.md").text.startswith("# calc")
     rw = corral.Policy.workspace(str(project)).with_limits(file_size=1 << 20)
-    with Session(str(project), name="small", policy=rw) as s:
-        with pytest.raises(PolicyDenied, match="file size limit"):
-            s.write_file("big.txt", "x" * (2 << 20))
+    with Session(str(project), name="small", policy=rw) as s, pytest.raises(PolicyDenied, match="file size limit"):
+        s.write_file("big.txt", "x" * (2 << 20))
 
 
 def test_call_by_name_checks_arguments(session: Session) -> None:

@@ -17,6 +17,7 @@ process killed at any moment loses nothing: the next `open` records what the int
 
 from __future__ import annotations
 
+import builtins
 import json
 import logging
 import os
@@ -277,12 +278,6 @@ class Session:
                 undo()
             except Exception as exc:  # keep releasing the rest
                 log.warning("while closing the session: %s", exc)
-
-    def remove(self) -> None:
-        """Close the session and delete it (workspace and history)."""
-        self.close()
-        if os.path.isdir(self.path):
-            st.remove_session(self.name, os.path.dirname(self.path))
 
     def __enter__(self) -> Session:
         return self
@@ -690,6 +685,17 @@ class Session:
     def _check_open(self) -> None:
         if self._closed:
             raise SessionError("the session is closed")
+
+    # Last in the class body, so that `list` names the builtin in the annotations above.
+    @staticmethod
+    def list(*, data_dir: str | None = None) -> builtins.list[st.SessionInfo]:
+        """Every persistent session on this machine (`corral session list`)."""
+        return st.list_sessions(data_dir)
+
+    @staticmethod
+    def remove(name: str, *, data_dir: str | None = None) -> None:
+        """Delete a session, workspace and history (`corral session rm`); refused while it is open."""
+        st.remove_session(name, data_dir)
 
 
 # ---------------------------------------------------------------------------------------- helpers
