@@ -167,22 +167,19 @@ class Root:
         finally:
             os.close(fd)
 
-    def write_atomic(
+    def write_temp(
         self,
         rel: bytes,
-        chunks: Iterable[bytes],
+        chunks: Iterable[bytes] | None,
         *,
-        mode: int,
+        mode: int = 0o644,
         owner: tuple[int, int] | None = None,
-        fsync: bool = False,
+        link: bytes | None = None,
         journal: Callable[[bytes, bytes], None] | None = None,
-    ) -> None:
-        """Replace (or create) the file `rel` with `chunks`, atomically: readers see the old or the new
-        content, never a mix, and a crash leaves at most a marked temporary file beside it.
-
-        Missing directories are created. `journal(dir, tmp_name)` is told the temporary name before
-        it exists, so an interrupted writer's leftovers can be found and removed.
-        """
+    ) -> bytes:
+        """Write a file (or, with `link`, a symbolic link) under a temporary name beside `rel`, creating
+        missing directories; return that name (for `replace_with`). `journal(dir, name)` is told the
+        name before the file exists, so an interrupted writer's leftovers can be found and removed."""
         parts = split(rel)
         if not parts:
             raise IsADirectoryError(rel)
@@ -191,49 +188,53 @@ class Root:
             tmp = tmp_name(parts[-1])
             if journal is not None:
                 journal(b"/".join(parts[:-1]), tmp)
+            if link is not None:
+                os.symlink(link, tmp, dir_fd=dfd)
+                return tmp
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
             try:
-                for chunk in chunks:
+                for chunk in chunks or ():
                     view = memoryview(chunk)
                     while view:
                         view = view[os.write(fd, view) :]
                 if owner is not None:
                     os.fchown(fd, *owner)
                 os.fchmod(fd, mode)
-                if fsync:
-                    os.fsync(fd)
             except BaseException:
                 os.close(fd)
                 os.unlink(tmp, dir_fd=dfd)
                 raise
             os.close(fd)
-            try:
-                os.rename(tmp, parts[-1], src_dir_fd=dfd, dst_dir_fd=dfd)
-            except BaseException:
-                os.unlink(tmp, dir_fd=dfd)
-                raise
+            return tmp
         finally:
             os.close(dfd)
 
-    def symlink_atomic(
-        self, rel: bytes, target: bytes, *, journal: Callable[[bytes, bytes], None] | None = None
-    ) -> None:
+    def replace_with(self, rel: bytes, tmp: bytes) -> None:
+        """Rename the temporary file `tmp` (beside `rel`) onto `rel`: atomic, and a file or link already
+        at `rel` is replaced, never written through."""
         parts = split(rel)
-        if not parts:
-            raise IsADirectoryError(rel)
-        dfd = self.open_dir(parts[:-1], create=True)
+        dfd = self.open_dir(parts[:-1])
         try:
-            tmp = tmp_name(parts[-1])
-            if journal is not None:
-                journal(b"/".join(parts[:-1]), tmp)
-            os.symlink(target, tmp, dir_fd=dfd)
-            try:
-                os.rename(tmp, parts[-1], src_dir_fd=dfd, dst_dir_fd=dfd)
-            except BaseException:
-                os.unlink(tmp, dir_fd=dfd)
-                raise
+            os.rename(tmp, parts[-1], src_dir_fd=dfd, dst_dir_fd=dfd)
         finally:
             os.close(dfd)
+
+    def write_atomic(self, rel: bytes, chunks: Iterable[bytes], *, mode: int) -> None:
+        """Replace (or create) the file `rel`: readers see the old content or the new, never a mix."""
+        tmp = self.write_temp(rel, chunks, mode=mode)
+        try:
+            self.replace_with(rel, tmp)
+        except BaseException:
+            self.unlink(join(rel.rpartition(b"/")[0], tmp))
+            raise
+
+    def symlink_atomic(self, rel: bytes, target: bytes) -> None:
+        tmp = self.write_temp(rel, None, link=target)
+        try:
+            self.replace_with(rel, tmp)
+        except BaseException:
+            self.unlink(join(rel.rpartition(b"/")[0], tmp))
+            raise
 
     def unlink(self, rel: bytes) -> bool:
         """Remove a file or link; False when it was not there."""

@@ -287,7 +287,7 @@ class Recorder:
     def scan(self) -> None:
         """Record the whole workspace."""
         self.ignore.restart()
-        self._walk(b"", ignored=False)
+        self._walk(b"")
 
     def _walk_changed_dir(self, path: bytes) -> None:
         entry = self.tree.get(path)
@@ -296,7 +296,7 @@ class Recorder:
             entry = None
         if entry is None and self.ignore.ignored([path])[0]:
             return
-        self._walk(path, ignored=False)
+        self._walk(path)
 
     def _file(self, path: bytes, st: os.stat_result, candidates: list[tuple[bytes, os.stat_result]]) -> None:
         """A non-directory entry: record it now if tracked, else after asking about ignores."""
@@ -348,7 +348,8 @@ class Recorder:
             self.cache.put(path, st, sha, checked)
         self.tree.set_file(path, EXEC if st.st_mode & 0o100 else BLOB, sha)
 
-    def _walk(self, top: bytes, *, ignored: bool) -> None:
+    def _walk(self, top: bytes) -> None:
+        cache = self.cache
         stack = [top]
         while stack:
             directory = stack.pop()
@@ -374,11 +375,14 @@ class Recorder:
                         entry = None
                     if entry is not None:
                         stack.append(path)
-                    elif not ignored:
+                    else:
                         new_dirs.append(path)
                     continue
-                if entry is None and ignored:
-                    continue
+                if entry is not None and stat.S_ISREG(st.st_mode):
+                    # The common case, kept cheap: a recorded file whose stat says it is unchanged.
+                    sha = cache.lookup(path, st)
+                    if sha is not None and entry == (EXEC if st.st_mode & 0o100 else BLOB, sha):
+                        continue
                 self._file(path, st, candidates)
             for name in recorded:  # recorded but gone
                 self.tree.remove(join(directory, name))

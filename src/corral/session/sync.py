@@ -11,9 +11,10 @@ For each path that differs:
 - the host file must still be what the baseline says (its stat as recorded, or failing that its
   content hash); if the user changed it since, it is a *conflict*, reported and left alone (unless
   it already holds the new content, which is simply noted);
-- files are replaced by a temporary file in the same directory and a rename (after fsync), so a
-  reader or a crash sees the old file or the new one, never half of one; a journal names every
-  temporary file first, so one left by a killed process is removed when the session next opens;
+- files are replaced by a temporary file in the same directory and a rename (after one syncfs for
+  all of them), so a reader or a crash sees the old file or the new one, never half of one; a
+  journal names every temporary file first, so one left by a killed process is removed when the
+  session next opens;
 - deletions happen only when asked; a link is written only if it points inside the project.
 """
 
@@ -316,139 +317,164 @@ def sync_tree(
     """Bring the host project from `baseline` to `target` for `paths` (all when None).
 
     `baseline` and `manifest` are updated for every path the host now holds as `target` says.
+    Every new file is first written beside its target; one `syncfs` makes them all durable; then
+    each is renamed into place (after checking once more that the user did not change the target).
     """
     want = target.flat()
     have = baseline.flat()
     differing = sorted(p for p in want.keys() | have.keys() if want.get(p) != have.get(p))
     if paths is not None:
         prefixes = [p.rstrip(b"/") for p in paths]
-        differing = [p for p in differing if any(p == q or p.startswith(q + b"/") or not q for q in prefixes)]
-    umask = os.umask(0o022)
-    os.umask(umask)
-    root = Root(project)
-    items: list[SyncItem] = []
+        differing = [p for p in differing if any(not q or p == q or p.startswith(q + b"/") for q in prefixes)]
+    syncer = _Syncer(project, store, baseline, manifest, journal, delete=delete, dry_run=dry_run)
+    items: dict[bytes, SyncItem] = {}
     try:
         # Deletions first (deepest first), so a directory the agent turned into a file (or the
         # reverse) is out of the way before the writes.
-        deletions = [p for p in differing if p not in want]
-        writes = [p for p in differing if p in want]
-        for path in sorted(deletions, key=lambda p: -p.count(b"/")):
-            items.append(
-                _one(
-                    root,
-                    store,
-                    path,
-                    None,
-                    have.get(path),
-                    manifest,
-                    baseline,
-                    delete=delete,
-                    dry_run=dry_run,
-                    journal=journal,
-                    umask=umask,
-                )
-            )
-        for path in writes:
-            items.append(
-                _one(
-                    root,
-                    store,
-                    path,
-                    want[path],
-                    have.get(path),
-                    manifest,
-                    baseline,
-                    delete=delete,
-                    dry_run=dry_run,
-                    journal=journal,
-                    umask=umask,
-                )
-            )
+        for path in sorted((p for p in differing if p not in want), key=lambda p: -p.count(b"/")):
+            items[path] = syncer.prepare(path, None, have.get(path))
+        for path in (p for p in differing if p in want):
+            items[path] = syncer.prepare(path, want[path], have.get(path))
+        items.update(syncer.finish())
     finally:
-        root.close()
+        syncer.close()
         journal.finish()
-    items.sort(key=lambda i: os.fsencode(i.path))
-    return items
+    return [items[p] for p in sorted(items)]
 
 
-def _one(
-    root: Root,
-    store: GitStore,
-    path: bytes,
-    new: Entry | None,
-    old: Entry | None,
-    manifest: dict[bytes, HostStat],
-    baseline: Tree,
-    *,
-    delete: bool,
-    dry_run: bool,
-    journal: Journal,
-    umask: int,
-) -> SyncItem:
-    shown = os.fsdecode(path)
-    action = "delete" if new is None else "link" if new[0] == LINK else "write"
+class _Prepared:
+    __slots__ = ("host", "new", "path", "tmp")
 
-    def item(status: str, reason: str = "") -> SyncItem:
-        return SyncItem(path=shown, action=action, status=status, reason=reason)
+    def __init__(self, path: bytes, tmp: bytes, new: Entry, host: _HostState) -> None:
+        self.path = path
+        self.tmp = tmp
+        self.new = new
+        self.host = host
 
-    problem = path_problem(path)
-    if problem is not None:
-        return item("skipped", problem)
-    if new is not None and new[0] == TREE:
-        return item("skipped", "not a file")
-    link_target = b""
-    if new is not None and new[0] == LINK:
-        link_target = store.read_blob(new[1])
-        problem = link_problem(path, link_target)
+
+class _Syncer:
+    def __init__(self, project: str, store: GitStore, baseline: Tree, manifest: dict[bytes, HostStat],
+                 journal: Journal, *, delete: bool, dry_run: bool) -> None:  # fmt: skip
+        self.root = Root(project)
+        self.store = store
+        self.baseline = baseline
+        self.manifest = manifest
+        self.journal = journal
+        self.delete = delete
+        self.dry_run = dry_run
+        self.umask = os.umask(0o022)
+        os.umask(self.umask)
+        self.prepared: list[_Prepared] = []
+
+    def close(self) -> None:
+        for prepared in self.prepared:  # left over after an error: take the temporary files away
+            self.root.unlink(_sibling(prepared.path, prepared.tmp))
+        self.root.close()
+
+    def prepare(self, path: bytes, new: Entry | None, old: Entry | None) -> SyncItem:
+        """Check one path; delete it now, or write its new content beside it (status pending)."""
+        shown = os.fsdecode(path)
+        action = "delete" if new is None else "link" if new[0] == LINK else "write"
+
+        def item(status: str, reason: str = "") -> SyncItem:
+            return SyncItem(path=shown, action=action, status=status, reason=reason)
+
+        problem = path_problem(path)
         if problem is not None:
             return item("skipped", problem)
-    host = _HostState(root, path)
-    if host.kind == "unsafe":
-        return item("skipped", host.reason)
-    if not _host_matches(root, store, path, host, old, manifest.get(path)):
-        if _host_matches(root, store, path, host, new, None):
-            _settle(baseline, manifest, path, new, host.st)
-            return item("unchanged", "the host already has this content")
-        what = {
-            "missing": "deleted on the host",
-            "dir": "a directory on the host",
-            "other": "not a regular file on the host",
-        }.get(host.kind, "changed on the host")
-        if old is None and host.kind != "missing":
-            what = "created on the host"
-        return item("conflict", f"{what} since copy-in (or the last sync); left as it is")
-    if new is None and not delete:
-        return item("skipped", "deleted in the session; deletions are synced only when asked (--delete)")
-    if dry_run:
+        if new is not None and new[0] == TREE:
+            return item("skipped", "not a file")
+        content = b""
+        if new is not None:
+            content = self.store.read_blob(new[1])
+            if new[0] == LINK:
+                problem = link_problem(path, content)
+                if problem is not None:
+                    return item("skipped", problem)
+        host = _HostState(self.root, path)
+        if host.kind == "unsafe":
+            return item("skipped", host.reason)
+        if not _host_matches(self.root, self.store, path, host, old, self.manifest.get(path)):
+            if _host_matches(self.root, self.store, path, host, new, None):
+                _settle(self.baseline, self.manifest, path, new, host.st)
+                return item("unchanged", "the host already has this content")
+            what = {"missing": "deleted on the host", "dir": "a directory on the host",
+                    "other": "not a regular file on the host"}.get(host.kind, "changed on the host")  # fmt: skip
+            if old is None and host.kind != "missing":
+                what = "created on the host"
+            return item("conflict", f"{what} since copy-in (or the last sync); left as it is")
+        if new is None and not self.delete:
+            return item("skipped", "deleted in the session; deletions are synced only when asked (--delete)")
+        if self.dry_run:
+            return item("pending")
+        try:
+            if new is None:
+                self.root.unlink(path)
+                self.root.prune_empty(path)
+                _settle(self.baseline, self.manifest, path, None, None)
+                return item("deleted")
+            if new[0] == LINK:
+                tmp = self.root.write_temp(path, None, link=content, journal=self.journal.add)
+            else:
+                tmp = self.root.write_temp(path, [content], mode=_mode_for(new, host, self.umask),
+                                           owner=_owner(self.root, path, host), journal=self.journal.add)  # fmt: skip
+        except (OSError, Unsafe) as exc:
+            return item("failed", exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc))
+        self.prepared.append(_Prepared(path, tmp, new, host))
         return item("pending")
+
+    def finish(self) -> dict[bytes, SyncItem]:
+        """Make the prepared files durable (one syncfs), then rename each into place."""
+        done: dict[bytes, SyncItem] = {}
+        if not self.prepared:
+            return done
+        _syncfs(self.root.fd)
+        while self.prepared:
+            prepared = self.prepared.pop(0)
+            path, new = prepared.path, prepared.new
+            shown = os.fsdecode(path)
+            action = "link" if new[0] == LINK else "write"
+            now = _HostState(self.root, path)
+            before = prepared.host
+            same = now.kind == before.kind and (now.st is None or before.st is None or
+                                                host_stat(now.st) == host_stat(before.st))  # fmt: skip
+            if not same:
+                self.root.unlink(_sibling(path, prepared.tmp))
+                done[path] = SyncItem(path=shown, action=action, status="conflict",
+                                      reason="changed on the host during the sync; left as it is")  # fmt: skip
+                continue
+            try:
+                self.root.replace_with(path, prepared.tmp)
+            except (OSError, Unsafe) as exc:
+                self.root.unlink(_sibling(path, prepared.tmp))
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                done[path] = SyncItem(path=shown, action=action, status="failed", reason=reason)
+                continue
+            _settle(self.baseline, self.manifest, path, new, self.root.lstat(path))
+            done[path] = SyncItem(path=shown, action=action, status="written")
+        return done
+
+
+def _sibling(path: bytes, tmp: bytes) -> bytes:
+    parent = path.rpartition(b"/")[0]
+    return parent + b"/" + tmp if parent else tmp
+
+
+def _syncfs(fd: int) -> None:
+    """Flush the file system holding `fd` (one call for every file a sync wrote)."""
+    import ctypes
+
     try:
-        if new is None:
-            root.unlink(path)
-            root.prune_empty(path)
-            _settle(baseline, manifest, path, None, None)
-            return item("deleted")
-        if new[0] == LINK:
-            root.symlink_atomic(path, link_target, journal=journal.add)
-        else:
-            data = store.read_blob(new[1])
-            root.write_atomic(
-                path,
-                [data],
-                mode=_mode_for(new, host, umask),
-                owner=_owner(root, path, host),
-                fsync=True,
-                journal=journal.add,
-            )
-    except (OSError, Unsafe) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        return item("failed", reason)
-    _settle(baseline, manifest, path, new, root.lstat(path))
-    return item("written")
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.syncfs(fd) == 0:
+            return
+    except (OSError, AttributeError):
+        pass
+    os.sync()
 
 
-def _settle(
-    baseline: Tree, manifest: dict[bytes, HostStat], path: bytes, entry: Entry | None, st: os.stat_result | None
-) -> None:
+def _settle(baseline: Tree, manifest: dict[bytes, HostStat], path: bytes, entry: Entry | None,
+            st: os.stat_result | None) -> None:  # fmt: skip
     if entry is None:
         baseline.remove(path)
         manifest.pop(path, None)
