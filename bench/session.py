@@ -1,6 +1,6 @@
 """Sessions: copy-in of a large tree, the cost of a recorded tool call over a bare exec, review and sync.
 
-    python bench/session.py [--files 10000] [--mb 200] [--calls 50] [--keep DIR]
+    PYTHONPATH=src python bench/session.py [--files 10000] [--mb 200] [--calls 50] [--keep DIR]
 
 Builds a synthetic project (FILES source-like files, MB megabytes in all, 100 files per directory,
 a git repository with .gitignore), then measures, on the real namespace backend and real git:
@@ -28,10 +28,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
-
-import corral  # noqa: E402
-from corral.session import Session  # noqa: E402
+import corral
+from corral.session import Session
 
 
 def make_project(root: Path, files: int, total_mb: int) -> None:
@@ -104,8 +102,8 @@ def main() -> int:
         shutil.rmtree(base / "naive.git", ignore_errors=True)
         subprocess.run(["git", "init", "-q", "--bare", str(base / "naive.git")], check=True)
         add = timed(lambda: subprocess.run(["git", "add", "-A"], check=True, env=git_env))
-        commit = timed(lambda: subprocess.run(["git", "-c", "user.name=b", "-c", "user.email=b@b", "commit", "-qm",
-                                               "x"], check=True, env=git_env))  # fmt: skip
+        commit_argv = ["git", "-c", "gc.auto=0", "-c", "user.name=b", "-c", "user.email=b@b", "commit", "-qm", "x"]
+        commit = timed(lambda: subprocess.run(commit_argv, check=True, env=git_env))
         results.append(("naive copy-in: cp -a + git add -A + git commit", f"{cp + add + commit:.2f} s "
                         f"(cp {cp:.2f}, add {add:.2f}, commit {commit:.2f})"))  # fmt: skip
 

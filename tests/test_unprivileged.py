@@ -40,6 +40,7 @@ def test_suite_as_unprivileged_user() -> None:
         "tests/cli/test_run.py",
         "tests/test_api.py",
         "tests/backends/test_conformance.py",
+        "tests/session",
     ]
     done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800, check=False)
     print(done.stdout[-5000:], done.stderr[-3000:])

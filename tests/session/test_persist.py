@@ -139,3 +139,17 @@ def test_the_workspace_appears_at_the_project_path(session: Session, project: Pa
     assert not os.path.exists(project / "app")
     session.bash("make app")
     assert not (project / "app").exists() and (Path(session.workspace) / "app").exists()
+
+
+def test_a_policy_the_backend_cannot_enforce_is_refused_before_copying(project: Path, data_dir: Path) -> None:
+    with pytest.raises(corral.UnsupportedPolicy, match="cannot enforce"):
+        Session(str(project), name="weak", backend="process")
+    assert list_sessions() == [] and not any(data_dir.iterdir())
+
+
+def test_sessions_kept_inside_the_project_are_not_copied(project: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         namespace_ok: None) -> None:  # fmt: skip
+    monkeypatch.setenv("XDG_DATA_HOME", str(project / "data"))
+    with Session(str(project), name="inner", backend="namespace") as s:
+        assert not (Path(s.workspace) / "data").exists()
+        assert not any(f.path.startswith("data/") for f in s.changes(0).files)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from corral.errors import ToolError
+from corral.errors import ConfigError
 from corral.session import Session, SyncReport
 from corral.session.sync import link_problem, path_problem
 from tests.session.conftest import tree_state
@@ -134,9 +134,9 @@ def test_git_files_and_odd_names(session: Session, project: Path) -> None:
     assert os.path.exists(os.fsencode(project) + b"/caf\xe9.txt")
     assert not (project / ".git" / "hooks" / "pre-commit").exists() and not (project / "sub").exists()
     # Paths asked for must be in the project.
-    with pytest.raises(ToolError, match="not in the project"):
+    with pytest.raises(ConfigError, match="not in the project"):
         session.sync(["../outside"])
-    with pytest.raises(ToolError, match="not in the project"):
+    with pytest.raises(ConfigError, match="not in the project"):
         session.sync(["/etc"])
 
 

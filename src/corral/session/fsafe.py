@@ -290,7 +290,11 @@ def _rmtree_at(dfd: int, name: bytes) -> None:
     if not stat.S_ISDIR(st.st_mode):
         os.unlink(name, dir_fd=dfd)
         return
-    sub = os.open(name, _DIR_FLAGS, dir_fd=dfd)
+    try:
+        sub = os.open(name, _DIR_FLAGS, dir_fd=dfd)
+    except PermissionError:  # a directory its owner made unreadable: it is a directory (lstat said so)
+        os.chmod(name, 0o700, dir_fd=dfd)
+        sub = os.open(name, _DIR_FLAGS, dir_fd=dfd)
     try:
         os.fchmod(sub, 0o700)
         with os.scandir(sub) as it:

@@ -95,6 +95,11 @@ class Session:
         chosen, caps = registry.choose(backend, min_backend=min_backend)
         remap = "fs.remap" in caps.enforces
         base = os.path.dirname(final)
+        if _inside(project, base):
+            raise ConfigError(f"{project} is inside corral's own session directory", where="project")
+        excludes = list(excludes)
+        if _inside(base, project):  # never copy the sessions (this one included) into themselves
+            excludes.append("/" + os.path.relpath(base, project) + "/")
         os.makedirs(base, mode=0o700, exist_ok=True)
         import tempfile
 
@@ -109,6 +114,16 @@ class Session:
                 workspace=os.path.join(final, "workspace"),
                 mount=sandbox_mount,
                 state_dir=final,
+            )
+            # Refuse a backend that cannot enforce the policy before copying anything (the check
+            # resolves the zones, so the workspace zone names the directory being built).
+            Sandbox(
+                session_policy.replace(
+                    zones=(*session_policy.zones[:-1], session_policy.zones[-1].replace(host=workspace))
+                ),
+                backend=chosen.name,
+                min_backend=min_backend,
+                allow_weaker=allow_weaker,
             )
             report = _build(building, project, excludes=excludes, include_git=include_git)
             st.write_json(
@@ -139,6 +154,14 @@ class Session:
             raise
         self.copy_report = report
         self._open(final, approver=approver)
+        self._event(
+            "session.create",
+            project=project,
+            workspace=self.workspace,
+            mount=self.mount,
+            backend=chosen.name,
+            copy=report.as_json(),
+        )
 
     @classmethod
     def open(cls, name: str, *, approver: Approver | None = None, data_dir: str | None = None) -> Session:
@@ -192,6 +215,10 @@ class Session:
         self._opened.append(self.root.close)
         self.recorder = Recorder(self.store, self.root, self.tree, self.cache, self.ignore)
         self.watcher = Watcher(self.root, skip=is_git_name)
+        import shutil
+
+        # The sandbox shows the host's /usr: bash if the host has it, else the POSIX shell.
+        self._shell = "bash" if shutil.which("bash", path="/usr/bin:/bin") else "sh"
         self._opened.append(self.watcher.close)
         removed = Journal.recover(os.path.join(self.path, "sync-journal"), self.project)
         self.watcher.start()
@@ -485,7 +512,7 @@ class Session:
         """Run a shell command in the live sandbox (from the workspace's top directory)."""
         if not isinstance(command, str) or not command.strip():
             raise ToolError("the command is empty", tool="bash")
-        return self._run("bash", ["bash", "-c", command], command, timeout, on_output)
+        return self._run("bash", [self._shell, "-c", command], command, timeout, on_output)
 
     def exec(
         self,
@@ -821,11 +848,11 @@ def _sync_path(path: str | bytes, mount: str) -> bytes:
         if raw == mount_b:
             return b""
         if not raw.startswith(mount_b + b"/"):
-            raise ToolError(f"{tools.show(path)} is not in the project", tool="sync")
+            raise ConfigError(f"{tools.show(path)} is not in the project", where="sync paths")
         raw = raw[len(mount_b) + 1 :]
     normalized = posixpath.normpath(raw) if raw else b"."
     if normalized == b".":
         return b""
     if normalized.startswith(b"../") or normalized == b"..":
-        raise ToolError(f"{tools.show(path)} is not in the project", tool="sync")
+        raise ConfigError(f"{tools.show(path)} is not in the project", where="sync paths")
     return normalized

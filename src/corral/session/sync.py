@@ -75,8 +75,8 @@ class SyncReport(Record):
 
     @property
     def ok(self) -> bool:
-        """Every item was applied (or would be, for a dry run)."""
-        return all(i.status in ("pending", "written", "deleted", "unchanged") for i in self.items)
+        """Nothing conflicted or failed (paths skipped on purpose are listed with the reason)."""
+        return not any(i.status in ("conflict", "failed") for i in self.items)
 
     def as_json(self) -> dict[str, object]:
         counts: dict[str, int] = {}
