@@ -173,3 +173,14 @@ def test_rollback_of_an_unknown_step_is_an_error(session: Session) -> None:
 
     with pytest.raises(SessionError, match="no step 5"):
         session.rollback(5)
+
+
+def test_a_fifo_gitignore_does_not_hang_the_session(session: Session) -> None:
+    import time
+
+    started = time.monotonic()
+    r = session.bash("mkdir sub && mkfifo sub/.gitignore && echo x > sub/new.o && echo y > top.o")
+    # git would block opening the fifo: what lies below it is recorded rather than asked about.
+    assert r.changed == ("sub/new.o",)
+    assert {f.path for f in session.changes().files} == {"sub/new.o"}
+    assert time.monotonic() - started < 10

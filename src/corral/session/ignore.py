@@ -10,19 +10,24 @@ from __future__ import annotations
 
 import logging
 import os
+import select
+import stat
 import subprocess
 import threading
 from collections.abc import Sequence
 
+from corral.session.fsafe import Root
 from corral.session.gitstore import GitStore
 
 log = logging.getLogger(__name__)
 _BATCH = 512
+TIMEOUT = 20.0  # seconds git may take to answer one batch
 
 
 class IgnoreChecker:
-    def __init__(self, store: GitStore) -> None:
+    def __init__(self, store: GitStore, root: Root) -> None:
         self.store = store
+        self.root = root
         self._proc: subprocess.Popen[bytes] | None = None
         self._buffer = b""
 
@@ -63,11 +68,38 @@ class IgnoreChecker:
 
     def ignored(self, paths: Sequence[bytes]) -> list[bool]:
         """Whether each path (relative to the workspace) is ignored."""
+        safe: dict[bytes, bool] = {}
+        askable = [p for p in paths if self._askable(p, safe)]
+        answers = dict(zip(askable, self._ignored(askable), strict=True))
+        return [answers.get(p, False) for p in paths]
+
+    def _askable(self, path: bytes, safe: dict[bytes, bool]) -> bool:
+        """False when a .gitignore git would read for `path` is not a regular file (or a link)."""
+        directory = path.rpartition(b"/")[0]
+        while True:
+            ok = safe.get(directory)
+            if ok is None:
+                st = self.root.lstat(directory + b"/.gitignore" if directory else b".gitignore")
+                ok = st is None or stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)
+                safe[directory] = ok
+                if not ok:
+                    log.warning("%r/.gitignore is not a regular file: what lies below it is recorded", directory)
+            if not ok:
+                return False
+            if not directory:
+                return True
+            directory = directory.rpartition(b"/")[0]
+
+    def _ignored(self, paths: Sequence[bytes]) -> list[bool]:
         out: list[bool] = []
         for i in range(0, len(paths), _BATCH):
             batch = paths[i : i + _BATCH]
             try:
                 out.extend(self._ask(batch))
+            except TimeoutError as exc:  # never hide what cannot be asked about: record it
+                log.warning("%s; recording %d path(s) as not ignored", exc, len(batch))
+                self.close()
+                out.extend([False] * len(batch))
             except (OSError, ValueError):
                 # git gave up on one of them (it refuses some odd paths): ask one at a time, and
                 # record (never hide) any path it cannot answer for.
@@ -101,9 +133,15 @@ class IgnoreChecker:
         results: list[bool] = []
         fields: list[bytes] = []
         buffer = self._buffer
+        poller = select.poll()
+        poller.register(proc.stdout.fileno(), select.POLLIN)
         while len(results) < len(paths):
             nul = buffer.find(b"\0")
             if nul < 0:
+                if not poller.poll(TIMEOUT * 1000):
+                    proc.kill()
+                    writer.join()
+                    raise TimeoutError(f"git check-ignore did not answer in {TIMEOUT:g}s")
                 chunk = os.read(proc.stdout.fileno(), 65536)
                 if not chunk:
                     writer.join()

@@ -209,10 +209,10 @@ class Session:
             raise SessionError(f"session {self.name!r} has no history: it is damaged")
         self.tree = Tree.load(self.store, self.history.tree_of(self.history.last))
         self.cache = StatCache.load(os.path.join(self.path, "statcache"))
-        self.ignore = IgnoreChecker(self.store)
-        self._opened.append(self.ignore.close)
         self.root = Root(self.workspace)
         self._opened.append(self.root.close)
+        self.ignore = IgnoreChecker(self.store, self.root)
+        self._opened.append(self.ignore.close)
         self.recorder = Recorder(self.store, self.root, self.tree, self.cache, self.ignore)
         self.watcher = Watcher(self.root, skip=is_git_name)
         import shutil
