@@ -36,9 +36,10 @@ def test_scripted_agent_edit_build_break_rollback(session: Session, project: Pat
     # 2. It breaks the build, and makes a mess.
     session.write_file("calc.c", "this is not C\n")
     session.bash("rm README.md && mkdir -p docs && echo notes > docs/notes.md && chmod +x calc.h")
+    session.bash("echo '# broken' >> scripts/run.sh && chmod 555 scripts")  # and locks a directory
     broken = session.bash("make app")
     assert broken.returncode != 0
-    mess = {f.path: f for f in session.changes(session.step - 1).files}
+    mess = {f.path: f for f in session.changes(session.step - 2).files}
     assert {p: f.status for p, f in mess.items()} == {
         "README.md": "deleted",
         "calc.h": "modified",

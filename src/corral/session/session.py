@@ -18,6 +18,7 @@ process killed at any moment loses nothing: the next `open` records what the int
 from __future__ import annotations
 
 import builtins
+import errno
 import json
 import logging
 import os
@@ -635,24 +636,34 @@ class Session:
                 else:
                     self.root.write_atomic(path, [data], mode=0o755 if mode == EXEC else 0o644)
                 return
-            except (IsADirectoryError, NotADirectoryError, FileExistsError, Unsafe):
+            except (IsADirectoryError, NotADirectoryError, FileExistsError, PermissionError, Unsafe):
                 if attempt == 2:
                     raise
                 self._clear_way(path)
             except OSError as exc:
-                if attempt == 2 or exc.errno not in (21, 39):  # EISDIR, ENOTEMPTY
+                if attempt == 2 or exc.errno not in (errno.EISDIR, errno.ENOTEMPTY):
                     raise
                 self._clear_way(path)
 
     def _clear_way(self, path: bytes) -> None:
         """Remove what stands where `path` must go: a file or link where a directory must be, or a
-        directory (of ignored files) where the file must be."""
+        directory (of ignored files) where the file must be; and make the directories on the way
+        writable again if the agent took that away (directory modes are not part of the history)."""
+        top = os.fstat(self.root.fd)
+        if top.st_mode & 0o700 != 0o700:
+            os.fchmod(self.root.fd, top.st_mode & 0o7777 | 0o700)
         parts = split(path)
         for i in range(1, len(parts)):
             prefix = b"/".join(parts[:i])
             found = self.root.lstat(prefix)
             if found is not None and not _is_dir(found):
                 self.root.unlink(prefix)
+            elif found is not None and found.st_mode & 0o700 != 0o700:
+                fd = self.root.open_dir(parts[: i - 1])
+                try:
+                    os.chmod(parts[i - 1], found.st_mode & 0o7777 | 0o700, dir_fd=fd)
+                finally:
+                    os.close(fd)
         found = self.root.lstat(path)
         if found is not None and _is_dir(found):
             self.root.rmtree(path)
@@ -667,6 +678,8 @@ class Session:
         """
         with self._mutex:
             self._check_open()
+            if not os.path.isdir(self.project):
+                raise SessionError(f"the project {self.project} is gone: there is nothing to sync to")
             started = time.monotonic()
             self._pending()
             wanted = None if paths is None else [_sync_path(p, self.mount) for p in paths]
