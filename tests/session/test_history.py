@@ -185,3 +185,12 @@ def test_a_fifo_gitignore_does_not_hang_the_session(session: Session) -> None:
     assert r.changed == ("sub/new.o",)
     assert {f.path for f in session.changes().files} == {"sub/new.o"}
     assert time.monotonic() - started < 10
+
+
+def test_gitignore_changes_take_effect_in_the_same_step(session: Session) -> None:
+    assert session.bash("make app").changed == ()  # app is ignored
+    r = session.bash("sed -i '/^app$/d' .gitignore")  # no longer: the step records it at once
+    assert r.changed == (".gitignore", "app")
+    r = session.bash("mkdir -p sub && echo 'x.txt' > sub/.gitignore && echo 1 > sub/x.txt && echo 2 > sub/y.txt")
+    assert r.changed == ("sub/.gitignore", "sub/y.txt")
+    assert session.bash("rm sub/.gitignore").changed == ("sub/.gitignore", "sub/x.txt")

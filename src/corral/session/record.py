@@ -264,8 +264,11 @@ class Recorder:
         """Record the entries `changes` names. False when that cannot be trusted (a changed file has
         other hard links) and the caller must scan everything."""
         names = changes.paths | changes.dirs
-        if any(_split(p)[1] == b".gitignore" for p in names):
+        rules = [p for p in names if _split(p)[1] == b".gitignore"]
+        if rules:
+            # New rules may un-ignore (or ignore) anything below them: read those directories again.
             self.ignore.restart()
+            names |= {_split(p)[0] for p in rules}
         trusted = True
         candidates: list[tuple[bytes, os.stat_result]] = []
         for path in sorted(names):
@@ -276,7 +279,10 @@ class Recorder:
                 self.tree.remove(path)
                 continue
             if stat.S_ISDIR(st.st_mode):
-                self._walk_changed_dir(path)
+                if path:
+                    self._walk_changed_dir(path)
+                else:
+                    self._walk(b"")
                 continue
             if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
                 trusted = False
