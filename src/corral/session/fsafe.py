@@ -209,6 +209,31 @@ class Root:
         finally:
             os.close(dfd)
 
+    def fsync(self, rel: bytes) -> None:
+        """Flush a file, link's directory entry or directory to disk (missing: nothing to do)."""
+        parts = split(rel)
+        try:
+            if not parts:
+                os.fsync(self.fd)
+                return
+            dfd = self.open_dir(parts[:-1])
+        except (FileNotFoundError, Unsafe):
+            return
+        try:
+            try:
+                fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:  # a link: its directory entry is made durable with the directory
+                    os.fsync(dfd)
+                    return
+                raise
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        finally:
+            os.close(dfd)
+
     def replace_with(self, rel: bytes, tmp: bytes) -> None:
         """Rename the temporary file `tmp` (beside `rel`) onto `rel`: atomic, and a file or link already
         at `rel` is replaced, never written through."""

@@ -11,8 +11,8 @@ For each path that differs:
 - the host file must still be what the baseline says (its stat as recorded, or failing that its
   content hash); if the user changed it since, it is a *conflict*, reported and left alone (unless
   it already holds the new content, which is simply noted);
-- files are replaced by a temporary file in the same directory and a rename (after one syncfs for
-  all of them), so a reader or a crash sees the old file or the new one, never half of one; a
+- files are replaced by a temporary file in the same directory and a rename (once every new file
+  is fsync'ed), so a reader or a crash sees the old file or the new one, never half of one; a
   journal names every temporary file first, so one left by a killed process is removed when the
   session next opens;
 - deletions happen only when asked; a link is written only if it points inside the project.
@@ -317,8 +317,8 @@ def sync_tree(
     """Bring the host project from `baseline` to `target` for `paths` (all when None).
 
     `baseline` and `manifest` are updated for every path the host now holds as `target` says.
-    Every new file is first written beside its target; one `syncfs` makes them all durable; then
-    each is renamed into place (after checking once more that the user did not change the target).
+    Every new file is first written beside its target and fsync'ed; then each is renamed into place
+    (after checking once more that the user did not change the target).
     """
     want = target.flat()
     have = baseline.flat()
@@ -424,11 +424,15 @@ class _Syncer:
         return item("pending")
 
     def finish(self) -> dict[bytes, SyncItem]:
-        """Make the prepared files durable (one syncfs), then rename each into place."""
+        """Make the prepared files durable (fsync, in parallel), then rename each into place."""
         done: dict[bytes, SyncItem] = {}
         if not self.prepared:
             return done
-        _syncfs(self.root.fd)
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda p: self.root.fsync(_sibling(p.path, p.tmp)), self.prepared))
+        directories: set[bytes] = set()
         while self.prepared:
             prepared = self.prepared.pop(0)
             path, new = prepared.path, prepared.new
@@ -436,8 +440,9 @@ class _Syncer:
             action = "link" if new[0] == LINK else "write"
             now = _HostState(self.root, path)
             before = prepared.host
-            same = now.kind == before.kind and (now.st is None or before.st is None or
-                                                host_stat(now.st) == host_stat(before.st))  # fmt: skip
+            same = now.kind == before.kind and (
+                now.st is None or before.st is None or host_stat(now.st) == host_stat(before.st)
+            )
             if not same:
                 self.root.unlink(_sibling(path, prepared.tmp))
                 done[path] = SyncItem(path=shown, action=action, status="conflict",
@@ -450,27 +455,17 @@ class _Syncer:
                 reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
                 done[path] = SyncItem(path=shown, action=action, status="failed", reason=reason)
                 continue
+            directories.add(path.rpartition(b"/")[0])
             _settle(self.baseline, self.manifest, path, new, self.root.lstat(path))
             done[path] = SyncItem(path=shown, action=action, status="written")
+        for directory in directories:  # the renames themselves
+            self.root.fsync(directory)
         return done
 
 
 def _sibling(path: bytes, tmp: bytes) -> bytes:
     parent = path.rpartition(b"/")[0]
     return parent + b"/" + tmp if parent else tmp
-
-
-def _syncfs(fd: int) -> None:
-    """Flush the file system holding `fd` (one call for every file a sync wrote)."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.syncfs(fd) == 0:
-            return
-    except (OSError, AttributeError):
-        pass
-    os.sync()
 
 
 def _settle(baseline: Tree, manifest: dict[bytes, HostStat], path: bytes, entry: Entry | None,
