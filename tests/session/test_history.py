@@ -194,3 +194,14 @@ def test_gitignore_changes_take_effect_in_the_same_step(session: Session) -> Non
     r = session.bash("mkdir -p sub && echo 'x.txt' > sub/.gitignore && echo 1 > sub/x.txt && echo 2 > sub/y.txt")
     assert r.changed == ("sub/.gitignore", "sub/y.txt")
     assert session.bash("rm sub/.gitignore").changed == ("sub/.gitignore", "sub/x.txt")
+
+
+def test_a_huge_diff_is_cut_but_the_summary_is_whole(session: Session, monkeypatch: pytest.MonkeyPatch) -> None:
+    from corral.session import history
+
+    monkeypatch.setattr(history, "MAX_DIFF_BYTES", 300)
+    session.bash("seq 1 1000 > numbers.txt")
+    changes = session.changes()
+    assert changes.diff_truncated and "the diff goes on past" in changes.diff
+    assert changes.files[0].insertions == 1000
+    assert session.changes(0).diff_truncated  # step 0 (the whole copy-in) is cut too

@@ -144,6 +144,38 @@ class GitStore:
             raise SessionError(f"git {args[0]} failed: {message}")
         return done.stdout
 
+    def git_head(self, *args: str, limit: int, timeout: float = 120.0) -> tuple[bytes, bool]:
+        """The first `limit` bytes git writes for `git ARGS`, and whether it had more to say."""
+        import select
+
+        proc = subprocess.Popen([self.program, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env=self.env(), cwd=self.git_dir)  # fmt: skip
+        assert proc.stdout is not None and proc.stderr is not None
+        chunks: list[bytes] = []
+        size = 0
+        deadline = time.monotonic() + timeout
+        try:
+            while size <= limit:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([proc.stdout], [], [], left)[0]:
+                    raise SessionError(f"git {args[0]} took longer than {timeout:g}s")
+                chunk = os.read(proc.stdout.fileno(), 1 << 20)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+        finally:
+            cut = size > limit
+            if cut or proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            error = proc.stderr.read().decode("utf-8", "replace").strip()
+            proc.stdout.close()
+            proc.stderr.close()
+        if not cut and proc.returncode != 0:
+            raise SessionError(f"git {args[0]} failed: {error}")
+        return b"".join(chunks)[:limit], cut
+
     # ------------------------------------------------------------------ objects
     def _path(self, sha: str) -> str:
         return os.path.join(self._objects, sha[:2], sha[2:])

@@ -12,9 +12,10 @@ import os
 
 from corral._record import Record
 from corral.errors import SessionError
-from corral.session.gitstore import BRANCH, EMPTY_TREE, GitStore
+from corral.session.gitstore import BRANCH, GitStore
 
 TRAILER = "Corral-Step: "
+MAX_DIFF_BYTES = 16 << 20
 
 
 class Step(Record):
@@ -89,14 +90,16 @@ class FileChange(Record):
 class Changes(Record):
     """What changed from step `since` to step `until`: a summary per file and the unified diff."""
 
-    __slots__ = ("diff", "files", "since", "until")
+    __slots__ = ("diff", "diff_truncated", "files", "since", "until")
     since: int
     until: int
     files: tuple[FileChange, ...]
     diff: str
+    diff_truncated: bool  # the diff was cut at MAX_DIFF_BYTES (the summary is always whole)
 
-    def __init__(self, *, since: int, until: int, files: tuple[FileChange, ...], diff: str) -> None:
-        self._set(since=since, until=until, files=files, diff=diff)
+    def __init__(self, *, since: int, until: int, files: tuple[FileChange, ...], diff: str,
+                 diff_truncated: bool = False) -> None:  # fmt: skip
+        self._set(since=since, until=until, files=files, diff=diff, diff_truncated=diff_truncated)
 
     def count(self, status: str) -> int:
         return sum(1 for f in self.files if f.status == status)
@@ -127,6 +130,7 @@ class Changes(Record):
             "deletions": self.deletions,
             "files": [f.as_json() for f in self.files],
             "diff": self.diff,
+            "diff_truncated": self.diff_truncated,
         }
 
 
@@ -203,21 +207,14 @@ class History:
             return Changes(since=since, until=until, files=(), diff="")
         raw = self.store.git("diff-tree", "-r", "-z", "--no-renames", "--raw", "--numstat", old_tree, new_tree)
         files = _parse_raw_numstat(raw)
-        text = ""
+        text, cut = "", False
         if patch:
-            out = self.store.git(
-                "diff-tree",
-                "-r",
-                "-p",
-                "--no-renames",
-                "--no-ext-diff",
-                "--no-textconv",
-                "--no-color",
-                old_tree,
-                new_tree,
-            )
+            argv = ["diff-tree", "-r", "-p", "--no-renames", "--no-ext-diff", "--no-textconv", "--no-color"]
+            out, cut = self.store.git_head(*argv, old_tree, new_tree, limit=MAX_DIFF_BYTES)
             text = out.decode("utf-8", "replace")
-        return Changes(since=since, until=until, files=tuple(files), diff=text)
+            if cut:
+                text += f"\n[... the diff goes on past {MAX_DIFF_BYTES >> 20} MiB; the summary above is complete]\n"
+        return Changes(since=since, until=until, files=tuple(files), diff=text, diff_truncated=cut)
 
 
 _STATUS = {"A": "added", "M": "modified", "D": "deleted", "T": "type-changed"}
@@ -253,6 +250,3 @@ def _parse_raw_numstat(raw: bytes) -> list[FileChange]:
         else:
             i += 1
     return [FileChange(path=os.fsdecode(path), **entries[path]) for path in order]  # type: ignore[arg-type]
-
-
-EMPTY = EMPTY_TREE
