@@ -34,6 +34,7 @@ from corral.session.watch import Changes
 log = logging.getLogger(__name__)
 
 Entry = tuple[int, str]  # (mode, object id)
+RACY_NS = 50_000_000  # a change this close to the moment a file was looked at is not trusted
 
 
 def is_git_name(name: bytes) -> bool:
@@ -191,10 +192,21 @@ _CACHE_MAGIC = b"corral-statcache 1\n"
 _CACHE_REC = struct.Struct("<IQqqQq20sI")
 
 
+HostStat = tuple[int, int, int, int]  # (size, mtime_ns, ctime_ns, inode) of a host file
+
+
+def host_stat(st: os.stat_result) -> HostStat:
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
+def racy(st: os.stat_result) -> bool:
+    """True when the file changed so recently that a change in the same clock tick could hide behind
+    an identical stat: such a file is later compared by content, not by stat."""
+    return time.time_ns() - st.st_ctime_ns < RACY_NS
+
+
 class StatCache:
     """Blob ids of workspace files by their stat, so unchanged files are not read again."""
-
-    RACY_NS = 50_000_000  # a change this close to the moment of hashing is not trusted
 
     def __init__(self) -> None:
         self.entries: dict[bytes, tuple[int, int, int, int, int, int, str]] = {}
@@ -207,7 +219,7 @@ class StatCache:
         entry = self.entries.get(path)
         if entry is None or entry[:5] != self._key(st):
             return None
-        if st.st_ctime_ns >= entry[5] - self.RACY_NS:
+        if st.st_ctime_ns >= entry[5] - RACY_NS:
             return None
         return entry[6]
 

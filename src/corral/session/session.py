@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, TypeVar
 from corral.audit import AuditLog, redact_argv
 from corral.backends.base import Result
 from corral.errors import ConfigError, SessionError, ToolError
-from corral.policy.model import Policy, Zone
+from corral.policy.model import Policy
 from corral.sandbox import Sandbox, new_id
 from corral.session import store as st
 from corral.session import tools
@@ -41,7 +41,7 @@ from corral.session.ignore import IgnoreChecker
 from corral.session.record import Recorder, StatCache, Tree, is_git_name
 from corral.session.sync import Journal, SyncReport, load_manifest, save_manifest, sync_tree
 from corral.session.watch import Watcher
-from corral.session.workspace import CopyReport, copy_in, list_project
+from corral.session.workspace import CopyReport, build, inside, session_policy_for
 
 if TYPE_CHECKING:
     from corral.sandbox import Approver
@@ -96,10 +96,10 @@ class Session:
         chosen, caps = registry.choose(backend, min_backend=min_backend)
         remap = "fs.remap" in caps.enforces
         base = os.path.dirname(final)
-        if _inside(project, base):
+        if inside(project, base):
             raise ConfigError(f"{project} is inside corral's own session directory", where="project")
         excludes = list(excludes)
-        if _inside(base, project):  # never copy the sessions (this one included) into themselves
+        if inside(base, project):  # never copy the sessions (this one included) into themselves
             excludes.append("/" + os.path.relpath(base, project) + "/")
         os.makedirs(base, mode=0o700, exist_ok=True)
         import tempfile
@@ -109,7 +109,7 @@ class Session:
             workspace = os.path.join(building, "workspace")
             os.mkdir(workspace, 0o755)
             sandbox_mount = mount or (project if remap else os.path.join(final, "workspace"))
-            session_policy = _session_policy(
+            session_policy = session_policy_for(
                 policy or Policy.workspace(project),
                 project=project,
                 workspace=os.path.join(final, "workspace"),
@@ -126,7 +126,9 @@ class Session:
                 min_backend=min_backend,
                 allow_weaker=allow_weaker,
             )
-            report = _build(building, project, excludes=excludes, include_git=include_git)
+            report = build(
+                building, project, excludes=excludes, include_git=include_git, base_ref=BASE_REF, host_ref=HOST_REF
+            )
             st.write_json(
                 os.path.join(building, "state.json"),
                 {
@@ -739,90 +741,6 @@ class Session:
 
 
 # ---------------------------------------------------------------------------------------- helpers
-def _build(directory: str, project: str, *, excludes: Sequence[str], include_git: bool) -> CopyReport:
-    """Copy-in and step 0, in a session directory under construction."""
-    started = time.monotonic()
-    workspace = os.path.join(directory, "workspace")
-    patterns = [p.encode() for p in excludes]
-    info_exclude = os.path.join(project, ".git", "info", "exclude")
-    if os.path.isfile(info_exclude):
-        with open(info_exclude, "rb") as f:
-            patterns += f.read().splitlines()
-    store = GitStore.create(os.path.join(directory, "history.git"), workspace, excludes=patterns)
-    scratch = os.path.join(directory, "scratch.git")
-    paths, how = list_project(project, excludes=excludes, include_git=include_git, scratch=scratch)
-    if os.path.isdir(scratch):
-        remove_tree(scratch)
-    tree, cache, manifest, skipped, total = copy_in(project, workspace, paths, store)
-    report = CopyReport(
-        files=sum(1 for _ in tree.files()),
-        bytes=total,
-        seconds=time.monotonic() - started,
-        skipped=tuple(skipped),
-        source=how,
-    )
-    history = History(store)
-    history.commit(
-        tree.sha,
-        tool="copy-in",
-        summary=f"copy-in of {project}",
-        details={
-            "project": project,
-            "files": report.files,
-            "bytes": report.bytes,
-            "skipped": len(skipped),
-            "excludes": list(excludes),
-            "include_git": include_git,
-            "source": how,
-        },
-    )
-    base = history.head
-    assert base is not None
-    store.update_ref(BASE_REF, base, old=None)
-    store.update_ref(HOST_REF, base, old=None)
-    cache.save(os.path.join(directory, "statcache"), tree)
-    save_manifest(os.path.join(directory, "manifest"), manifest)
-    return report.replace(seconds=time.monotonic() - started)
-
-
-def _session_policy(policy: Policy, *, project: str, workspace: str, mount: str, state_dir: str) -> Policy:
-    """`policy` with its project zone replaced by the workspace, checked for zones that would let the
-    agent write the project directly or reach the session's history."""
-    mode = "rw"
-    zones: list[Zone] = []
-    for zone in policy.zones:
-        if zone.mount == mount and zone.host is None:
-            continue
-        if zone.host is None:
-            zones.append(zone)
-            continue
-        real = os.path.realpath(os.path.expanduser(zone.host))
-        if real == project or zone.mount == mount:
-            if real == project:
-                mode = zone.mode
-            continue
-        if _inside(state_dir, real) or _inside(real, state_dir):
-            raise ConfigError(
-                f"zone {zone.host} would show the agent the session's own files ({state_dir}), history included",
-                where="zones",
-            )
-        if zone.mode == "rw" and (_inside(project, real) or _inside(real, project)):
-            raise ConfigError(
-                f"zone {zone.host} is writable and overlaps the project: a session leaves the "
-                "project untouched until sync (make the zone read-only, or leave it out)",
-                where="zones",
-            )
-        zones.append(zone)
-    if mode == "tmpfs":
-        mode = "rw"
-    zones.append(Zone(host=workspace, mount=mount, mode=mode))  # type: ignore[arg-type]
-    return policy.replace(zones=tuple(zones), cwd=mount)
-
-
-def _inside(path: str, directory: str) -> bool:
-    return path == directory or path.startswith(directory.rstrip("/") + "/")
-
-
 def _is_dir(st_: os.stat_result) -> bool:
     import stat
 

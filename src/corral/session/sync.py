@@ -31,8 +31,7 @@ from collections.abc import Sequence
 from corral._record import Record
 from corral.session.fsafe import TMP_MARK, Root, Unsafe, split
 from corral.session.gitstore import EXEC, LINK, TREE, GitStore
-from corral.session.record import Tree, is_git_name
-from corral.session.workspace import HostStat, host_stat, racy
+from corral.session.record import HostStat, Tree, host_stat, is_git_name, racy
 
 log = logging.getLogger(__name__)
 

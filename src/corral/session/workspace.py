@@ -25,27 +25,18 @@ from concurrent.futures import ThreadPoolExecutor
 
 from corral._record import Record
 from corral.errors import ConfigError
-from corral.session.fsafe import Root, Unsafe, walk_dirs
+from corral.policy.model import Policy, Zone
+from corral.session.fsafe import Root, Unsafe, remove_tree, walk_dirs
 from corral.session.gitstore import BLOB, EXEC, LINK, GitStore, git_program
-from corral.session.record import StatCache, Tree, has_git_component, is_git_name
+from corral.session.history import History
+from corral.session.record import HostStat, StatCache, Tree, has_git_component, host_stat, is_git_name, racy
+from corral.session.sync import save_manifest
 
 log = logging.getLogger(__name__)
 _WORKERS = 4
 # Blobs stored at copy-in are not compressed (zlib level 0: 3x faster on a large tree, at the price
 # of the space): start-up time matters more than disk for the copy. Later steps' blobs are compressed.
 COPY_LEVEL = 0
-
-HostStat = tuple[int, int, int, int]  # (size, mtime_ns, ctime_ns, inode) of a host file
-
-
-def host_stat(st: os.stat_result) -> HostStat:
-    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
-
-
-def racy(st: os.stat_result) -> bool:
-    """True when the file changed so recently that a change in the same clock tick could hide behind
-    an identical stat: such a file is later compared by content, not by stat."""
-    return time.time_ns() - st.st_ctime_ns < StatCache.RACY_NS
 
 
 class CopyReport(Record):
@@ -322,3 +313,90 @@ def _copy_file(fd: int, st: os.stat_result, dfd: int, name: bytes, path: bytes, 
         os.close(out)
     mode = EXEC if st.st_mode & 0o100 else BLOB
     return _Copied(path, mode, sha, st, dst_st, size)
+
+
+def build(
+    directory: str, project: str, *, excludes: Sequence[str], include_git: bool, base_ref: str, host_ref: str
+) -> CopyReport:
+    """Copy-in and step 0 in a session directory under construction (`base_ref` and `host_ref` are set
+    to step 0: the copy-in, and what the host project holds)."""
+    started = time.monotonic()
+    workspace = os.path.join(directory, "workspace")
+    patterns = [p.encode() for p in excludes]
+    info_exclude = os.path.join(project, ".git", "info", "exclude")
+    if os.path.isfile(info_exclude):
+        with open(info_exclude, "rb") as f:
+            patterns += f.read().splitlines()
+    store = GitStore.create(os.path.join(directory, "history.git"), workspace, excludes=patterns)
+    scratch = os.path.join(directory, "scratch.git")
+    paths, how = list_project(project, excludes=excludes, include_git=include_git, scratch=scratch)
+    if os.path.isdir(scratch):
+        remove_tree(scratch)
+    tree, cache, manifest, skipped, total = copy_in(project, workspace, paths, store)
+    report = CopyReport(
+        files=sum(1 for _ in tree.files()),
+        bytes=total,
+        seconds=time.monotonic() - started,
+        skipped=tuple(skipped),
+        source=how,
+    )
+    history = History(store)
+    history.commit(
+        tree.sha,
+        tool="copy-in",
+        summary=f"copy-in of {project}",
+        details={
+            "project": project,
+            "files": report.files,
+            "bytes": report.bytes,
+            "skipped": len(skipped),
+            "excludes": list(excludes),
+            "include_git": include_git,
+            "source": how,
+        },
+    )
+    base = history.head
+    assert base is not None
+    store.update_ref(base_ref, base, old=None)
+    store.update_ref(host_ref, base, old=None)
+    cache.save(os.path.join(directory, "statcache"), tree)
+    save_manifest(os.path.join(directory, "manifest"), manifest)
+    return report.replace(seconds=time.monotonic() - started)
+
+
+def session_policy_for(policy: Policy, *, project: str, workspace: str, mount: str, state_dir: str) -> Policy:
+    """`policy` with its project zone replaced by the workspace, checked for zones that would let the
+    agent write the project directly or reach the session's history."""
+    mode = "rw"
+    zones: list[Zone] = []
+    for zone in policy.zones:
+        if zone.mount == mount and zone.host is None:
+            continue
+        if zone.host is None:
+            zones.append(zone)
+            continue
+        real = os.path.realpath(os.path.expanduser(zone.host))
+        if real == project or zone.mount == mount:
+            if real == project:
+                mode = zone.mode
+            continue
+        if inside(state_dir, real) or inside(real, state_dir):
+            raise ConfigError(
+                f"zone {zone.host} would show the agent the session's own files ({state_dir}), history included",
+                where="zones",
+            )
+        if zone.mode == "rw" and (inside(project, real) or inside(real, project)):
+            raise ConfigError(
+                f"zone {zone.host} is writable and overlaps the project: a session leaves the "
+                "project untouched until sync (make the zone read-only, or leave it out)",
+                where="zones",
+            )
+        zones.append(zone)
+    if mode == "tmpfs":
+        mode = "rw"
+    zones.append(Zone(host=workspace, mount=mount, mode=mode))  # type: ignore[arg-type]
+    return policy.replace(zones=tuple(zones), cwd=mount)
+
+
+def inside(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
