@@ -12,6 +12,10 @@ times are kept; symbolic links are copied as links; fifos, sockets and devices a
 
 The stat of each source file is kept (the manifest), so sync can tell whether the user changed a
 file after copy-in (a conflict) without reading it.
+
+The workspace's place in the policy (`session_policy_for`): it replaces the project's zone, with the
+same mode; a zone that would let the agent write the project itself, or see the session's own
+files (its history above all), is refused.
 """
 
 from __future__ import annotations
