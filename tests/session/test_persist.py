@@ -153,3 +153,11 @@ def test_sessions_kept_inside_the_project_are_not_copied(project: Path, monkeypa
     with Session(str(project), name="inner", backend="namespace") as s:
         assert not (Path(s.workspace) / "data").exists()
         assert not any(f.path.startswith("data/") for f in s.changes(0).files)
+
+
+def test_the_workspace_takes_the_project_zone_mount_point(project: Path, data_dir: Path, namespace_ok: None) -> None:
+    policy = corral.Policy(zones=[corral.Zone.rw(str(project), "/work"), corral.Zone.tmpfs("/tmp")])
+    with Session(str(project), name="work", policy=policy) as s:
+        assert s.mount == "/work"
+        assert s.bash("pwd && ls /work/main.c").stdout == "/work\n/work/main.c\n"
+        assert s.read_file("/work/calc.h").text == "int add(int a, int b);\n"

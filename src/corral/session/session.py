@@ -108,20 +108,22 @@ class Session:
         try:
             workspace = os.path.join(building, "workspace")
             os.mkdir(workspace, 0o755)
-            sandbox_mount = mount or (project if remap else os.path.join(final, "workspace"))
-            session_policy = session_policy_for(
+            session_policy, sandbox_mount = session_policy_for(
                 policy or Policy.workspace(project),
                 project=project,
                 workspace=os.path.join(final, "workspace"),
-                mount=sandbox_mount,
+                mount=mount,
+                remap=remap,
                 state_dir=final,
             )
             # Refuse a backend that cannot enforce the policy before copying anything (the check
             # resolves the zones, so the workspace zone names the directory being built).
+            ws_zone = session_policy.zones[-1]
+            ws_zone = ws_zone.replace(
+                host=workspace, mount=workspace if ws_zone.host == ws_zone.mount else ws_zone.mount
+            )
             Sandbox(
-                session_policy.replace(
-                    zones=(*session_policy.zones[:-1], session_policy.zones[-1].replace(host=workspace))
-                ),
+                session_policy.replace(zones=(*session_policy.zones[:-1], ws_zone)),
                 backend=chosen.name,
                 min_backend=min_backend,
                 allow_weaker=allow_weaker,

@@ -368,21 +368,31 @@ def build(
     return report.replace(seconds=time.monotonic() - started)
 
 
-def session_policy_for(policy: Policy, *, project: str, workspace: str, mount: str, state_dir: str) -> Policy:
-    """`policy` with its project zone replaced by the workspace, checked for zones that would let the
-    agent write the project directly or reach the session's history."""
+def session_policy_for(
+    policy: Policy, *, project: str, workspace: str, mount: str | None, remap: bool, state_dir: str
+) -> tuple[Policy, str]:
+    """`policy` with its project zone replaced by the workspace, and where the workspace appears.
+
+    The workspace takes the project zone's mode and mount point (default: the project's own path),
+    or `mount`; a backend that cannot mount a directory elsewhere (no `remap`) shows it at its real
+    path. Zones that would let the agent write the project itself or reach the session's files
+    (its history above all) are refused.
+    """
     mode = "rw"
+    project_mount = project
+    for zone in policy.zones:
+        if zone.host is not None and os.path.realpath(os.path.expanduser(zone.host)) == project:
+            mode, project_mount = zone.mode, zone.mount
+    where = mount or (project_mount if remap else workspace)
     zones: list[Zone] = []
     for zone in policy.zones:
-        if zone.mount == mount and zone.host is None:
-            continue
+        if zone.mount == where:
+            continue  # the workspace goes there
         if zone.host is None:
             zones.append(zone)
             continue
         real = os.path.realpath(os.path.expanduser(zone.host))
-        if real == project or zone.mount == mount:
-            if real == project:
-                mode = zone.mode
+        if real == project:
             continue
         if inside(state_dir, real) or inside(real, state_dir):
             raise ConfigError(
@@ -396,10 +406,8 @@ def session_policy_for(policy: Policy, *, project: str, workspace: str, mount: s
                 where="zones",
             )
         zones.append(zone)
-    if mode == "tmpfs":
-        mode = "rw"
-    zones.append(Zone(host=workspace, mount=mount, mode=mode))  # type: ignore[arg-type]
-    return policy.replace(zones=tuple(zones), cwd=mount)
+    zones.append(Zone(host=workspace, mount=where, mode=mode))  # type: ignore[arg-type]
+    return policy.replace(zones=tuple(zones), cwd=where), where
 
 
 def inside(path: str, directory: str) -> bool:
