@@ -168,3 +168,21 @@ def test_every_tool_call_is_audited(session: Session) -> None:
     assert events[0]["step"] == 1 and events[0]["changed"] == ["a.txt"]
     assert events[2]["exit"] == 0 and events[3]["error_type"] == "ToolError"
     assert all(e["session"] == "s1" for e in events)
+
+
+def test_ask_rules_reach_the_approver(project: Path, data_dir: Path, namespace_ok: None) -> None:
+    import corral
+
+    asked: list[tuple[str, ...]] = []
+
+    def approve(request: corral.AskRequest) -> bool:
+        asked.append(request.argv)
+        return "yes" in request.argv[-1]
+
+    policy = corral.Policy.workspace(str(project)).replace(commands=corral.Commands(ask=["touch"]))
+    with Session(str(project), name="ask", policy=policy, approver=approve) as s:
+        assert s.bash("touch yes.txt").ok
+        refused = s.bash("touch no.txt")
+        assert refused.reason == "denied" and "approver callback said no" in (refused.result.rule or "")
+        assert [step.tool for step in s.log()] == ["copy-in", "bash"]  # a refused command is not a step
+    assert len(asked) == 2
