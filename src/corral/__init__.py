@@ -2,6 +2,7 @@
 
     import corral
     r = corral.run(["pytest", "-q"], policy=corral.Policy.workspace("."))
+    r = corral.run_code("print(2 + 2)")     # Python in a WebAssembly sandbox (or the system python3)
     with corral.Sandbox(corral.Policy.workspace("."), backend="auto") as sb:
         sb.exec(["make"]); sb.exec(["./a.out"])
     with corral.Session(".", name="fix") as s:         # a copy, a commit per tool call, sync back
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "run": "corral.sandbox",
+    "run_code": "corral.code",
     "Sandbox": "corral.sandbox",
     "Session": "corral.session.session",
     "AskRequest": "corral.sandbox",
@@ -46,13 +48,14 @@ __all__ = [
     "AskRequest", "AuditLog", "BackendError", "BackendUnavailable", "Capabilities", "CommandFailed", "Commands",
     "ConfigError", "CorralError", "Env", "LaunchError", "Limits", "Network", "Policy", "PolicyDenied", "Result",
     "Sandbox", "SandboxLost", "Session", "SessionError", "ToolError", "UnsupportedPolicy", "Zone", "__version__",
-    "load_policy", "run",
+    "load_policy", "run", "run_code",
 ]  # fmt: skip
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from corral.audit import AuditLog
     from corral.backends.base import Capabilities, CommandFailed, Result
+    from corral.code import run_code
     from corral.errors import (
         BackendError,
         BackendUnavailable,

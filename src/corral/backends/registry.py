@@ -21,6 +21,8 @@ BACKENDS: dict[str, tuple[str, str, int]] = {
     "process": ("corral.backends.process", "ProcessBackend", 0),
     "landlock": ("corral.backends.landlock", "LandlockBackend", 20),
     "namespace": ("corral.backends.namespace.backend", "NamespaceBackend", 30),
+    # WASI modules, not shell commands: never chosen by `auto`.
+    "wasm": ("corral.backends.wasm.backend", "WasmBackend", 35),
 }
 AUTO_ORDER = ("namespace", "landlock")
 PROBE_CACHE_VERSION = "1"

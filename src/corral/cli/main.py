@@ -33,9 +33,9 @@ RUN_FLAGS: dict[str, tuple[str | None, bool, str]] = {
     "--zone": ("HOST[:MOUNT][:ro|rw]", True, "add a zone (read-only unless :rw)"),
     "--tmpfs": ("MOUNT[:SIZE]", True, "add a tmpfs zone"),
     "--net": ("MODE", False, "none (default), host, or allow:DOMAIN[:PORT],..."),
-    "--memory": ("SIZE", False, "memory limit, e.g. 512M"),
+    "--memory": ("SIZE", False, "memory limit, e.g. 512M (unlimited: none)"),
     "--cpus": ("N", False, "CPU limit, e.g. 1.5"),
-    "--pids": ("N", False, "process limit"),
+    "--pids": ("N", False, "process limit (unlimited: none)"),
     "--timeout": ("DURATION", False, "wall-time limit, e.g. 30s, 2m"),
     "--output": ("SIZE", False, "output limit (stdout + stderr)"),
     "--file-size": ("SIZE", False, "largest file the command may write"),
@@ -61,6 +61,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         code = 130
     if argv is None:
+        if "corral.backends.wasm.run" in sys.modules:
+            # wasmtime's I/O threads can panic while the process runs its exit handlers: leave at once.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            import os
+
+            os._exit(code)
         sys.exit(code)
     return code
 
@@ -77,6 +84,10 @@ def _dispatch(args: list[str]) -> int:
     command, rest = args[0], args[1:]
     if command == "run":
         return run_command(rest)
+    if command == "run-code":
+        from corral.cli.code import run_code_command
+
+        return run_code_command(rest)
     if command == "doctor":
         from corral.cli.doctor import doctor_command
 
@@ -89,6 +100,10 @@ def _dispatch(args: list[str]) -> int:
         from corral.cli.session import session_command
 
         return session_command(rest)
+    if command == "selftest":
+        from corral.cli.selftest import selftest_command
+
+        return selftest_command(rest)
     _error(f"unknown command {command!r}; try 'corral --help'")
     return EXIT_USAGE
 
@@ -99,9 +114,11 @@ Run an AI agent's commands inside a sandbox.
 
 commands:
   run [FLAGS] -- CMD ARGS...   run one command in a fresh sandbox (corral run --help)
+  run-code [FLAGS] FILE.py     run Python code in a fresh sandbox (corral run-code --help)
   doctor [--json]              which backends work here, and why not
   audit FILE [FILTERS]         read an audit log (corral audit --help)
   session COMMAND ...          persistent workspaces: copy-in, tools, diff, rollback, sync (corral session --help)
+  selftest [--backend B]       run the escape battery here: which attacks each backend stops
   --version                    print the version
 
 Exit codes: the command's own; 124 timeout; 122 denied by policy; 125 corral failed;
@@ -183,13 +200,16 @@ def build_policy(
     if "--net" in opts:
         policy = policy.replace(network=Network.parse(str(opts["--net"])))
     limits: dict[str, object] = {}
+    unlimited = [field for flag, field in _LIMIT_FLAGS if _opt(opts, flag) in ("unlimited", "none")]
+    if unlimited:
+        policy = policy.replace(limits=policy.limits.replace(**dict.fromkeys(unlimited)))
     for flag, field, parse in (
         ("--memory", "memory", "size"), ("--output", "output", "size"), ("--file-size", "file_size", "size"),
         ("--timeout", "timeout", "duration"), ("--pids", "pids", "int"), ("--open-files", "open_files", "int"),
         ("--cpus", "cpus", "float"),
     ):  # fmt: skip
         text = _opt(opts, flag)
-        if text is None:
+        if text is None or text in ("unlimited", "none"):
             continue
         if parse == "size":
             limits[field] = parse_size(text, where=flag)
@@ -221,6 +241,12 @@ def build_policy(
         policy = policy.replace(uid=int(_number(str(opts["--uid"]), "--uid", integer=True)))
     backend = _opt(opts, "--backend") or config.backend
     return policy, backend, _opt(opts, "--min-backend") or config.min_backend, _opt(opts, "--audit") or config.audit
+
+
+_LIMIT_FLAGS = (
+    ("--memory", "memory"), ("--output", "output"), ("--file-size", "file_size"), ("--timeout", "timeout"),
+    ("--pids", "pids"), ("--open-files", "open_files"), ("--cpus", "cpus"),
+)  # fmt: skip
 
 
 def _opt(opts: dict[str, object], name: str) -> str | None:

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from corral.policy.resolve import ResolvedPolicy
 
 ALWAYS = frozenset({
+    "exec.commands",
     "fs.isolation", "fs.remap", "fs.tmpfs", "proc.isolation", "net.none", "net.host",
     "syscall.filter", "limits.timeout", "limits.output", "limits.file_size", "limits.open_files",
 })  # fmt: skip
@@ -145,7 +146,7 @@ class NamespaceBackend(Backend):
             ours.append(in_fd)
         started = time.monotonic()
         try:
-            launched = launch(self.bwrap, rp, argv, cgroups=self.cgroups, stdio=(in_fd, *out_fds))
+            launched = launch(self.bwrap, rp, argv, cgroups=lambda: self.cgroups, stdio=(in_fd, *out_fds))
         except BaseException:
             for fd in readers.values():
                 os.close(fd)
@@ -188,7 +189,7 @@ class NamespaceBackend(Backend):
         agent_rp = rp.replace(env=(*rp.env, ("CORRAL_AGENT_FD", str(agent_fd))))
         try:
             launched = launch(self.bwrap, agent_rp, command, cgroups=self.cgroups, stdio=(null_fd, log_fd, log_fd),
-                              pass_fds=[agent_fd], extras=extras, want_pids_cgroup=True)  # fmt: skip
+                              pass_fds=[agent_fd], extras=extras, want_pids_cgroup=True, as_pid_1=True)  # fmt: skip
         except BaseException:
             host_sock.close()
             os.close(log_fd)
