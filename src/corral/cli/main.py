@@ -96,6 +96,10 @@ def _dispatch(args: list[str]) -> int:
         from corral.cli.audit import audit_command
 
         return audit_command(rest)
+    if command == "session":
+        from corral.cli.session import session_command
+
+        return session_command(rest)
     if command == "selftest":
         from corral.cli.selftest import selftest_command
 
@@ -113,6 +117,7 @@ commands:
   run-code [FLAGS] FILE.py     run Python code in a fresh sandbox (corral run-code --help)
   doctor [--json]              which backends work here, and why not
   audit FILE [FILTERS]         read an audit log (corral audit --help)
+  session COMMAND ...          persistent workspaces: copy-in, tools, diff, rollback, sync (corral session --help)
   selftest [--backend B]       run the escape battery here: which attacks each backend stops
   --version                    print the version
 
@@ -171,13 +176,22 @@ def parse_run_args(args: list[str]) -> tuple[dict[str, object], list[str]]:
     return opts, []
 
 
-def build_policy(opts: dict[str, object]) -> tuple[object, str | None, str | None, str | None]:
-    """(policy, backend, min_backend, audit path) from config files and flags: flags win."""
-    from corral.policy.load import load_config
+def build_policy(
+    opts: dict[str, object], *, workspace: str | None = None
+) -> tuple[object, str | None, str | None, str | None]:
+    """(policy, backend, min_backend, audit path) from config files and flags: flags win.
+
+    `workspace` (default: the current directory) is the project the profile's workspace zone names;
+    the config file is then looked for from there.
+    """
+    from corral.policy.load import find_config, load_config
     from corral.policy.model import Commands, Env, Limits, Network, Zone
     from corral.units import parse_duration, parse_size
 
-    config = load_config(_opt(opts, "--config"), profile=_opt(opts, "--profile"), search=not opts.get("--no-config"))
+    config_path, search = _opt(opts, "--config"), not opts.get("--no-config")
+    if workspace is not None and config_path is None and search:
+        config_path, search = find_config(workspace), False
+    config = load_config(config_path, profile=_opt(opts, "--profile"), workspace=workspace, search=search)
     policy = config.policy
     zones = [Zone.parse(spec) for spec in _list(opts, "--zone")]
     zones += [Zone.parse_tmpfs(spec) for spec in _list(opts, "--tmpfs")]
