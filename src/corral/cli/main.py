@@ -100,6 +100,10 @@ def _dispatch(args: list[str]) -> int:
         from corral.cli.session import session_command
 
         return session_command(rest)
+    if command == "mcp":
+        from corral.cli.mcp import mcp_command
+
+        return mcp_command(rest)
     if command == "selftest":
         from corral.cli.selftest import selftest_command
 
@@ -118,6 +122,7 @@ commands:
   doctor [--json]              which backends work here, and why not
   audit FILE [FILTERS]         read an audit log (corral audit --help)
   session COMMAND ...          persistent workspaces: copy-in, tools, diff, rollback, sync (corral session --help)
+  mcp [--project DIR] [...]    serve a sandboxed session's tools to an MCP client (corral mcp --help)
   selftest [--backend B]       run the escape battery here: which attacks each backend stops
   --version                    print the version
 
@@ -247,6 +252,43 @@ _LIMIT_FLAGS = (
     ("--memory", "memory"), ("--output", "output"), ("--file-size", "file_size"), ("--timeout", "timeout"),
     ("--pids", "pids"), ("--open-files", "open_files"), ("--cpus", "cpus"),
 )  # fmt: skip
+
+
+def split_own_flags(
+    args: list[str], own: dict[str, bool], *, repeatable: tuple[str, ...] = ()
+) -> tuple[dict[str, object], set[str], list[str]]:
+    """Separate a subcommand's own flags (`own`: flag -> takes a value) from `corral run`'s policy
+    flags. Returns (values, switches, the remaining arguments for `parse_run_args`)."""
+    values: dict[str, object] = {}
+    switches: set[str] = set()
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        flag, eq, value = arg.partition("=")
+        if flag in own:
+            if not own[flag]:
+                switches.add(flag)
+            else:
+                if not eq:
+                    i += 1
+                    if i >= len(args):
+                        raise ConfigError("needs a value", where=flag)
+                    value = args[i]
+                if flag in repeatable:
+                    existing = values.setdefault(flag, [])
+                    assert isinstance(existing, list)
+                    existing.append(value)
+                else:
+                    values[flag] = value
+        else:
+            rest.append(arg)
+            spec = RUN_FLAGS.get(flag)
+            if spec is not None and spec[0] is not None and not eq and i + 1 < len(args):
+                i += 1
+                rest.append(args[i])
+        i += 1
+    return values, switches, rest
 
 
 def _opt(opts: dict[str, object], name: str) -> str | None:

@@ -557,6 +557,16 @@ class Session:
         )
         return tools.BashResult(command=command, result=result, step=step, changed=changed)
 
+    def tool_argv(self, tool: str, args: Mapping[str, object]) -> list[str] | None:
+        """The command a `bash` or `exec` call would run (for deciding on it ahead, as an MCP server
+        asking its client for approval does); None for the file tools."""
+        if tool == "bash" and isinstance(args.get("command"), str):
+            return [self._shell, "-c", str(args["command"])]
+        argv = args.get("argv")
+        if tool == "exec" and isinstance(argv, list) and argv:
+            return [str(a) for a in argv]
+        return None
+
     def call(self, tool: str, args: Mapping[str, object]) -> tools.ToolResult:
         """Call a tool by name with keyword arguments (as the CLI and an MCP server do)."""
         spec = tools.SPECS.get(tool)
