@@ -100,7 +100,8 @@ async def test_scripted_agent_session(project: Path, data_dir: dict[str, str]) -
 
 
 async def test_bad_calls_are_tool_errors_and_the_server_survives(project: Path, data_dir: dict[str, str]) -> None:
-    async with Client(stdio(project, data_dir, "--memory", "64M", "--output", "64K")) as c:
+    flags = ("--memory", "64M", "--output", "64K", "--pids", "64", "--file-size", "1M")
+    async with Client(stdio(project, data_dir, *flags)) as c:
         for name, args, message in (
             ("nope", {}, "unknown tool"),
             ("read_file", {}, "needs path"),
@@ -118,7 +119,11 @@ async def test_bad_calls_are_tool_errors_and_the_server_survives(project: Path, 
             "timeout": await c.call_tool("bash", {"command": "sleep 30", "timeout": 1}),
             "memory": await c.call_tool("bash", {"command": "python3 -c 'b = bytearray(512 * 2**20)'"}),
             "output": await c.call_tool("bash", {"command": "yes"}),
+            "file_size": await c.call_tool("bash", {"command": "head -c 5000000 /dev/zero > big.bin"}),
         }
+        bomb = await c.call_tool("bash", {"command": "for i in $(seq 200); do sleep 5 & done; wait", "timeout": 20})
+        assert bomb.structured_content["reason"] in ("pids", "exited"), text(bomb)
+        assert "fork" in text(bomb) or "Resource temporarily unavailable" in text(bomb), text(bomb)
         for reason, r in limits.items():
             assert r.structured_content["reason"] == reason, (reason, text(r))
         r = await c.call_tool("bash", {"command": "echo still alive"})
