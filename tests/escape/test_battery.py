@@ -39,5 +39,5 @@ def test_attack_is_blocked(backend_name: str, attack: Attack, tmp_path_factory: 
 
 
 def test_battery_is_large_enough() -> None:
-    assert len(BATTERY) >= 25
+    assert len(BATTERY) >= 40
     assert len({a.name for a in BATTERY}) == len(BATTERY)

@@ -84,6 +84,9 @@ class Agent:
 
     # ---------------------------------------------------------------- requests
     def serve(self) -> None:
+        # As the pid namespace's init we must not die of a signal a command sends us.
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(sig, signal.SIG_IGN)
         signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
         signal.signal(signal.SIGCHLD, lambda *_: None)
         poller = select.poll()

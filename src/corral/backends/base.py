@@ -20,13 +20,14 @@ if TYPE_CHECKING:
 
     from corral.policy.resolve import ResolvedPolicy
 
-    Reason = Literal["exited", "timeout", "memory", "pids", "output", "file_size", "signal", "denied"]
+    Reason = Literal["exited", "timeout", "memory", "pids", "output", "file_size", "signal", "denied", "trap"]
     OutputCallback = Callable[[str, bytes], None]
     # Where a backend reports events for the audit log: events(name, fields), e.g.
     # events("net.decision", {"host": ..., "action": "deny", "rule": ...}). Never raises.
     EventSink = Callable[[str, dict[str, object]], None]
 
-REASONS = ("exited", "timeout", "memory", "pids", "output", "file_size", "signal", "denied")
+# "trap": a WebAssembly module trapped (unreachable, out-of-bounds access, ...): the wasm backend's crash.
+REASONS = ("exited", "timeout", "memory", "pids", "output", "file_size", "signal", "denied", "trap")
 
 # Everything a policy can ask of a backend. A backend lists the ones it enforces.
 FEATURES = {
@@ -45,6 +46,7 @@ FEATURES = {
     "limits.output": "the output limit",
     "limits.file_size": "the file size limit",
     "limits.open_files": "the open files limit",
+    "exec.commands": "runs programs of the system view (a shell, python3), not only WebAssembly modules",
 }
 
 

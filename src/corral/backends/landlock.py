@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from corral.policy.resolve import ResolvedPolicy
 
 ENFORCES = frozenset({
+    "exec.commands",
     "fs.isolation", "fs.tmpfs", "net.none", "net.host", "syscall.filter", "limits.timeout",
     "limits.output", "limits.file_size", "limits.open_files", "limits.pids", "limits.memory",
 })  # fmt: skip

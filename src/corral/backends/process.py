@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from corral.policy.resolve import ResolvedPolicy
 
 ENFORCES = frozenset({
+    "exec.commands",
     "net.host", "fs.tmpfs", "limits.timeout", "limits.output", "limits.file_size", "limits.open_files",
     "limits.pids", "limits.memory",
 })  # fmt: skip

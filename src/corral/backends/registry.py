@@ -21,6 +21,9 @@ BACKENDS: dict[str, tuple[str, str, int]] = {
     "process": ("corral.backends.process", "ProcessBackend", 0),
     "landlock": ("corral.backends.landlock", "LandlockBackend", 20),
     "namespace": ("corral.backends.namespace.backend", "NamespaceBackend", 30),
+    # WASI modules, not shell commands: never chosen by `auto`.
+    "wasm": ("corral.backends.wasm.backend", "WasmBackend", 35),
+    "microvm": ("corral.backends.microvm.backend", "MicrovmBackend", 60),
 }
 AUTO_ORDER = ("namespace", "landlock")
 PROBE_CACHE_VERSION = "2"  # 2: net.allow joined the namespace and landlock capabilities

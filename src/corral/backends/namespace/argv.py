@@ -57,14 +57,21 @@ def bwrap_argv(
     fds: LaunchFds,
     extras: Extras | None = None,
     tmpfs_size: bool = True,
+    as_pid_1: bool = False,
 ) -> tuple[str, ...]:
-    """The full argv: `bwrap OPTIONS -- COMMAND...`. `tmpfs_size` is False for bwrap < 0.10."""
+    """The full argv: `bwrap OPTIONS -- COMMAND...`. `tmpfs_size` is False for bwrap < 0.10.
+
+    `as_pid_1` makes the command the pid namespace's init (for corral's agent): the kernel then
+    ignores signals sent to it from inside that it does not handle, so `kill -9 -1` cannot kill it.
+    """
     args = [
         bwrap,
         "--unshare-user", "--unshare-ipc", "--unshare-pid", "--unshare-uts", "--unshare-cgroup",
     ]  # fmt: skip
     if rp.network.mode != "host":
         args.append("--unshare-net")
+    if as_pid_1:
+        args.append("--as-pid-1")
     args += [
         "--disable-userns",
         "--uid", str(rp.uid), "--gid", str(rp.gid),

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from corral.policy.resolve import ResolvedPolicy
 
 ALWAYS = frozenset({
+    "exec.commands",
     "fs.isolation", "fs.remap", "fs.tmpfs", "proc.isolation", "net.none", "net.host", "net.allow",
     "syscall.filter", "limits.timeout", "limits.output", "limits.file_size", "limits.open_files",
 })  # fmt: skip
@@ -157,7 +158,8 @@ class NamespaceBackend(Backend):
                 proxy, rp, extras = self._start_proxy(rp, extras, events)
                 command = [python, "-E", "-s", "-S", "-B", f"{AGENT_DIR}/forward.py", str(PROXY_PORT),
                            PROXY_SOCKET, "--", *argv]  # fmt: skip
-            launched = launch(self.bwrap, rp, command, cgroups=self.cgroups, stdio=(in_fd, *out_fds), extras=extras)
+            launched = launch(self.bwrap, rp, command, cgroups=lambda: self.cgroups, stdio=(in_fd, *out_fds),
+                              extras=extras)  # fmt: skip
         except BaseException:
             for fd in readers.values():
                 os.close(fd)
@@ -220,7 +222,7 @@ class NamespaceBackend(Backend):
         agent_rp = rp.replace(env=(*rp.env, ("CORRAL_AGENT_FD", str(agent_fd))))
         try:
             launched = launch(self.bwrap, agent_rp, command, cgroups=self.cgroups, stdio=(null_fd, log_fd, log_fd),
-                              pass_fds=[agent_fd], extras=extras, want_pids_cgroup=True)  # fmt: skip
+                              pass_fds=[agent_fd], extras=extras, want_pids_cgroup=True, as_pid_1=True)  # fmt: skip
         except BaseException:
             host_sock.close()
             os.close(log_fd)

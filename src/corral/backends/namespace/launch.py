@@ -19,7 +19,7 @@ from corral.kernel.spawn import Child, memfd_with, spawn
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
     from corral.kernel.cgroups import Cgroup, CgroupHost
     from corral.policy.resolve import ResolvedPolicy
@@ -206,11 +206,12 @@ def launch(
     rp: ResolvedPolicy,
     command: Sequence[str],
     *,
-    cgroups: CgroupHost,
+    cgroups: CgroupHost | Callable[[], CgroupHost],
     stdio: tuple[int, int, int] = (0, 1, 2),
     pass_fds: Sequence[int] = (),
     extras: Extras | None = None,
     want_pids_cgroup: bool = False,
+    as_pid_1: bool = False,
 ) -> Launched:
     """Start `command` in a new sandbox. The caller owns the result and must `release()` it.
 
@@ -233,8 +234,16 @@ def launch(
         block_r, block_w = os.pipe2(os.O_CLOEXEC)
         opened += [block_r, block_w]
         fds = LaunchFds(seccomp=seccomp_fd, status=status_w, block=block_r, etc=tuple(etc))
-        argv = bwrap_argv(bwrap.path, rp, command, fds=fds, extras=extras, tmpfs_size=bwrap.supports_size)
+        argv = bwrap_argv(
+            bwrap.path, rp, command, fds=fds, extras=extras, tmpfs_size=bwrap.supports_size, as_pid_1=as_pid_1
+        )
         limits = rp.limits
+        if callable(cgroups) and (limits.memory or limits.cpus or limits.pids):
+            cgroups = cgroups()  # detected only when a limit may need it
+        if callable(cgroups):
+            from corral.kernel.cgroups import CgroupHost
+
+            cgroups = CgroupHost("none", {}, "no limit needs a cgroup")
         if limits.cpus is not None and "cpu" not in cgroups.controllers:
             raise UnsupportedPolicy("namespace", ("limits.cpus (no cpu cgroup controller here)",))
         pids_cgroup = want_pids_cgroup or not nproc_is_per_sandbox()
