@@ -68,40 +68,16 @@ def _console() -> Console:
 
 # ---------------------------------------------------------------------------------------- start
 def _start(args: list[str]) -> int:
-    from corral.cli.main import RUN_FLAGS, build_policy, parse_run_args
+    from corral.cli.main import build_policy, parse_run_args, split_own_flags
     from corral.session import Session
 
-    values: dict[str, str] = {}
-    switches: set[str] = set()
-    excludes: list[str] = []
-    run_args: list[str] = []
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if arg in ("-h", "--help"):
-            print(USAGE)
-            return 0
-        flag, eq, value = arg.partition("=")
-        if flag in _START_FLAGS:
-            if not _START_FLAGS[flag]:
-                switches.add(flag)
-            else:
-                if not eq:
-                    i += 1
-                    if i >= len(args):
-                        raise ConfigError("needs a value", where=flag)
-                    value = args[i]
-                if flag == "--exclude":
-                    excludes.append(value)
-                else:
-                    values[flag] = value
-        else:
-            run_args.append(arg)
-            spec = RUN_FLAGS.get(flag)
-            if spec is not None and spec[0] is not None and not eq and i + 1 < len(args):
-                i += 1
-                run_args.append(args[i])
-        i += 1
+    if any(a in ("-h", "--help") for a in args):
+        print(USAGE)
+        return 0
+    own, switches, run_args = split_own_flags(args, _START_FLAGS, repeatable=("--exclude",))
+    values = {k: str(v) for k, v in own.items() if not isinstance(v, list)}
+    raw_excludes = own.get("--exclude")
+    excludes = [str(x) for x in raw_excludes] if isinstance(raw_excludes, list) else []
     opts, command = parse_run_args(run_args)
     if command:
         raise ConfigError(f"unexpected argument {command[0]!r}", where="corral session start")
