@@ -51,6 +51,11 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=30)
     opts = parser.parse_args()
     runs = max(30, opts.runs)
+    # `pip install` byte-compiles the package; an editable checkout under PYTHONDONTWRITEBYTECODE
+    # would otherwise recompile corral's modules on every CLI start and measure the compiler.
+    import compileall
+
+    compileall.compile_dir(os.path.dirname(corral.__file__), quiet=1)
     work = tempfile.mkdtemp(prefix="corral-bench-")
     os.chdir(work)
     policy = corral.Policy.workspace(work)

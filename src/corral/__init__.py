@@ -5,6 +5,8 @@
     r = corral.run_code("print(2 + 2)")     # Python in a WebAssembly sandbox (or the system python3)
     with corral.Sandbox(corral.Policy.workspace("."), backend="auto") as sb:
         sb.exec(["make"]); sb.exec(["./a.out"])
+    with corral.Session(".", name="fix") as s:         # a copy, a commit per tool call, sync back
+        s.bash("make test"); print(s.changes().diff); s.sync()
 
 Names are imported on first use, so `import corral` stays cheap for the CLI.
 """
@@ -17,6 +19,7 @@ _EXPORTS = {
     "run": "corral.sandbox",
     "run_code": "corral.code",
     "Sandbox": "corral.sandbox",
+    "Session": "corral.session.session",
     "AskRequest": "corral.sandbox",
     "Result": "corral.backends.base",
     "CommandFailed": "corral.backends.base",
@@ -38,13 +41,15 @@ _EXPORTS = {
     "UnsupportedPolicy": "corral.errors",
     "LaunchError": "corral.errors",
     "SandboxLost": "corral.errors",
+    "ToolError": "corral.errors",
+    "SessionError": "corral.errors",
 }
 
 __all__ = [
     "AskRequest", "AuditLog", "BackendError", "BackendUnavailable", "Capabilities", "CommandFailed", "Commands",
     "ConfigError", "Container", "CorralError", "Env", "LaunchError", "Limits", "Network", "Policy", "PolicyDenied",
-    "Result", "Sandbox", "SandboxLost", "UnsupportedPolicy", "Zone", "__version__", "load_policy", "run",
-    "run_code",
+    "Result", "Sandbox", "SandboxLost", "Session", "SessionError", "ToolError", "UnsupportedPolicy", "Zone",
+    "__version__", "load_policy", "run", "run_code",
 ]  # fmt: skip
 
 TYPE_CHECKING = False
@@ -60,11 +65,14 @@ if TYPE_CHECKING:
         LaunchError,
         PolicyDenied,
         SandboxLost,
+        SessionError,
+        ToolError,
         UnsupportedPolicy,
     )
     from corral.policy.load import load_policy
     from corral.policy.model import Commands, Container, Env, Limits, Network, Policy, Zone
     from corral.sandbox import AskRequest, Sandbox, run
+    from corral.session.session import Session
 
 
 def __getattr__(name: str) -> object:

@@ -3,6 +3,8 @@
     CorralError                      anything corral itself refuses or fails at
     ├── ConfigError                  bad input: a policy, a TOML file, a CLI flag (nothing ran)
     ├── PolicyDenied                 the policy refused a command or a path (expected, audited)
+    ├── ToolError                    an agent tool could not do what was asked (missing file, text not found)
+    ├── SessionError                 a workspace session cannot be created, opened or changed as asked
     └── BackendError                 the isolation layer
         ├── BackendUnavailable       this backend cannot work on this host (reason + fix)
         ├── UnsupportedPolicy        this backend cannot enforce part of the policy (names the part)
@@ -23,6 +25,8 @@ __all__ = [
     "LaunchError",
     "PolicyDenied",
     "SandboxLost",
+    "SessionError",
+    "ToolError",
     "UnsupportedPolicy",
 ]
 
@@ -55,6 +59,21 @@ class PolicyDenied(CorralError):
     def __init__(self, message: str, *, rule: str) -> None:
         self.rule = rule
         super().__init__(message)
+
+
+class ToolError(CorralError):
+    """An agent tool (read_file, edit_file, ...) could not do what was asked; the message says why,
+    in words meant for the agent. `tool` names the tool."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, tool: str = "") -> None:
+        self.tool = tool
+        super().__init__(message)
+
+
+class SessionError(CorralError):
+    """A workspace session cannot be created, opened or changed as asked (unknown name, in use, ...)."""
 
 
 class BackendError(CorralError):

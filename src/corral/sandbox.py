@@ -128,7 +128,7 @@ class _Guard:
         self.audit.write("exec", sandbox=self.id, backend=self.backend, argv=redact_argv(argv), cwd=cwd,
                          returncode=result.returncode, reason=result.reason, detail=result.detail,
                          duration=round(result.wall_time, 6), peak_memory=result.peak_memory,
-                         rule=result.rule)  # fmt: skip
+                         rule=result.rule, network=self.rp.network.mode)  # fmt: skip
 
 
 def _external_approval(command: Sequence[str], request: AskRequest, timeout: float) -> bool:

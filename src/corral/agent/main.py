@@ -69,6 +69,18 @@ class Agent:
             )
         if seccomp_program:
             confine.load_seccomp(seccomp_program)
+        proxy = message.get("proxy")
+        if proxy:
+            # Started after confinement: a thread inherits its creator's Landlock domain and seccomp filter.
+            import threading
+
+            if __package__:
+                from corral.agent import forward
+            else:
+                import forward  # type: ignore[import-not-found,no-redef]
+
+            listener = forward.listen(int(proxy["port"]))
+            threading.Thread(target=forward.serve, args=(listener, str(proxy["socket"])), daemon=True).start()
         protocol.send(self.sock, info)
 
     # ---------------------------------------------------------------- requests

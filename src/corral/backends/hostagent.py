@@ -3,7 +3,9 @@
 Shared by `landlock` (Landlock + seccomp + no capabilities + rlimits) and `process` (rlimits and
 the policy checks only). Without a mount namespace a zone can only appear at its own host path,
 and a tmpfs zone becomes a private host directory: /tmp's is exported as TMPDIR, the home
-zone's as HOME; a tmpfs zone anywhere else cannot be offered and is refused.
+zone's as HOME; a tmpfs zone anywhere else cannot be offered and is refused. With network mode
+'allow', the sandbox's proxy listens on a port of the host's loopback and HTTP(S)_PROXY / ALL_PROXY
+point at it; `hello` learns the port (Landlock then allows connect() to it alone).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from corral.backends.base import EventSink
     from corral.kernel.cgroups import CgroupHost
+    from corral.net.proxy import Resolver
+    from corral.net.service import SandboxProxy
     from corral.policy.resolve import ResolvedPolicy
 
 
@@ -33,8 +37,9 @@ def agent_main_path() -> str:
 class HostAgentBackend(Backend):
     """Start the agent as a confined host process. Subclasses say how it confines itself (`hello`)."""
 
-    def __init__(self, *, cgroups: CgroupHost | None = None) -> None:
+    def __init__(self, *, cgroups: CgroupHost | None = None, resolver: Resolver | None = None) -> None:
         self._cgroups = cgroups
+        self._resolver = resolver  # the network proxy's resolver (None: the host's); tests map names with it
 
     @property
     def cgroups(self) -> CgroupHost:
@@ -44,8 +49,11 @@ class HostAgentBackend(Backend):
             self._cgroups = CgroupHost.detect()
         return self._cgroups
 
-    def hello(self, rp: ResolvedPolicy, private: dict[str, str]) -> tuple[dict[str, object], bytes]:
-        """The confinement message for the agent and the seccomp program it loads ("" for none)."""
+    def hello(
+        self, rp: ResolvedPolicy, private: dict[str, str], *, proxy_port: int | None = None
+    ) -> tuple[dict[str, object], bytes]:
+        """The confinement message for the agent and the seccomp program it loads ("" for none).
+        `proxy_port` is the network proxy's port on the host's loopback (network mode 'allow')."""
         raise NotImplementedError
 
     def start(self, rp: ResolvedPolicy, *, sandbox_id: str, events: EventSink | None = None) -> LiveSandbox:
@@ -58,6 +66,17 @@ class HostAgentBackend(Backend):
             raise UnsupportedPolicy(self.name, ("limits.cpus (no cpu cgroup controller here)",))
         private = self._private_dirs(rp)
         env = rp.env_dict
+        proxy: SandboxProxy | None = None
+        if rp.network.mode == "allow":
+            from corral.net.service import SandboxProxy, proxy_env
+
+            try:
+                proxy = SandboxProxy.start_tcp(rp.network, events=events, resolver=self._resolver)
+            except BaseException:
+                _remove(private)
+                raise
+            assert proxy.port is not None
+            env.update(proxy_env(proxy.port))
         if "/tmp" in private:
             env["TMPDIR"] = private["/tmp"]
         if rp.home in private:
@@ -83,7 +102,7 @@ class HostAgentBackend(Backend):
             # The agent runs nothing before its hello, so attaching it now leaves no gap.
             if cgroup is not None:
                 cgroup.attach(child.pid)
-            hello, program = self.hello(rp, private)
+            hello, program = self.hello(rp, private, proxy_port=proxy.port if proxy is not None else None)
             hello["rlimits"] = rlimits_for(rp, self.cgroups.controllers if cgroup is not None else frozenset())
             client = AgentClient(host_sock)
             client.handshake(hello, fds=[memfd_with("corral-seccomp", program)] if program else [])
@@ -97,6 +116,8 @@ class HostAgentBackend(Backend):
             host_sock.close()
             os.close(log_fd)
             _remove(private)
+            if proxy is not None:
+                proxy.stop()
             if isinstance(exc, LaunchError) and log:
                 raise LaunchError(f"{exc}: {log}") from exc
             raise
@@ -114,6 +135,8 @@ class HostAgentBackend(Backend):
                 cgroup.destroy()
             os.close(log_fd)
             _remove(private)
+            if proxy is not None:
+                proxy.stop()
 
         return AgentSandbox(backend=self.name, sandbox_id=sandbox_id, rp=rp, client=client, cgroup=cgroup,
                             teardown=teardown, path_map=path_map)  # fmt: skip

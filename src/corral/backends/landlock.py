@@ -7,6 +7,11 @@ TCP bind and connect; scoping (ABI >= 6) keeps signals and abstract sockets insi
 filter refuses the dangerous syscalls and, with network 'none', every socket family (so no host
 daemon's unix socket is reachable either). Host processes stay visible in /proc, though their
 memory and environment are not (Landlock refuses ptrace-class access to them).
+
+Network 'allow' (Landlock ABI >= 4): the sandbox's proxy listens on an ephemeral port of the host's
+loopback; Landlock allows TCP connect() to that port only, and seccomp allows only TCP sockets
+(IPv4, IPv6), no listen() and no TCP Fast Open sends, which Landlock does not see. Landlock rules
+name ports, not addresses: a process could reach another host's service on that same port number.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import sys
 
 from corral.backends.base import Capabilities
 from corral.backends.hostagent import HostAgentBackend, agent_main_path
-from corral.kernel.seccomp import FAMILIES_NETNS, build_filter
+from corral.kernel.seccomp import AF_INET, AF_INET6, FAMILIES_NETNS, build_filter
 from corral.policy.resolve import ETC_PUBLIC
 
 TYPE_CHECKING = False
@@ -79,16 +84,28 @@ class LandlockBackend(HostAgentBackend):
                  "zones appear only at their own host paths; /tmp and HOME are private directories (TMPDIR, HOME)",
                  "host processes are visible in /proc (not their memory or environment)"]  # fmt: skip
         if abi < 4:
-            notes.append("no Landlock network rules on this kernel: network 'none' relies on seccomp alone")
+            notes.append("no Landlock network rules on this kernel: network 'none' relies on seccomp alone, "
+                         "network 'allow' cannot be enforced")  # fmt: skip
+        else:
+            enforces.add("net.allow")
+            notes.append("network 'allow': connect() only to the proxy's port (Landlock matches ports, not "
+                         "addresses); UDP, listen() and TCP Fast Open refused by seccomp")  # fmt: skip
         return Capabilities(name=self.name, available=True, strength=self.strength, enforces=frozenset(enforces),
                             limits_via=self.cgroups.describe, notes=tuple(notes))  # fmt: skip
 
-    def hello(self, rp: ResolvedPolicy, private: dict[str, str]) -> tuple[dict[str, object], bytes]:
-        families = FAMILIES_NETNS if rp.network.mode == "host" else ()
+    def hello(
+        self, rp: ResolvedPolicy, private: dict[str, str], *, proxy_port: int | None = None
+    ) -> tuple[dict[str, object], bytes]:
+        mode = rp.network.mode
         rules = landlock_paths(rp, private)
-        rules["restrict_net"] = rp.network.mode != "host"
+        rules["restrict_net"] = mode != "host"
         rules["scope"] = True
-        return {"landlock": rules, "drop_capabilities": True}, build_filter(families=families)
+        if mode == "allow" and proxy_port is not None:
+            rules["connect_ports"] = [proxy_port]
+            program = build_filter(families=(AF_INET, AF_INET6), tcp_client_only=True)
+        else:
+            program = build_filter(families=FAMILIES_NETNS if mode == "host" else ())
+        return {"landlock": rules, "drop_capabilities": True}, program
 
 
 def landlock_paths(rp: ResolvedPolicy, private: dict[str, str]) -> dict[str, object]:

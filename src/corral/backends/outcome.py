@@ -31,9 +31,12 @@ def classify(
 ) -> Result:
     """`returncode` follows subprocess: negative for a signal."""
     signal = -returncode if returncode < 0 else None
+    # A shell reports its child's death by signal N as exit status 128+N.
+    child_signal = returncode - 128 if 128 < returncode <= 128 + 64 else None
     # Event counters are read only when they could explain the ending: it keeps a normal exit cheap.
     abnormal = returncode != 0 or pumped.timed_out or pumped.output_exceeded
-    oom = cgroup.oom_kills() if cgroup is not None and signal == SIGKILL else 0
+    killed = SIGKILL in (signal, child_signal)
+    oom = cgroup.oom_kills() if cgroup is not None and killed else 0
     pids_hit = cgroup.pids_hits() if cgroup is not None and abnormal else 0
     peak = cgroup.peak_memory() if cgroup is not None and cgroup_peak else None
     if peak is None:
@@ -44,9 +47,9 @@ def classify(
             detail += f"; the pids limit ({limits.pids}) was reached"
     elif pumped.output_exceeded:
         reason, detail = "output", f"killed: output limit {format_size(limits.output or 0)} exceeded"
-    elif oom and signal == SIGKILL:
+    elif oom and killed:
         reason, detail = "memory", f"killed: memory limit {format_size(limits.memory or 0)}"
-    elif signal == SIGXFSZ:
+    elif signal == SIGXFSZ or (child_signal == SIGXFSZ and limits.file_size is not None):
         reason, detail = "file_size", f"killed: file size limit {format_size(limits.file_size or 0)} exceeded"
     elif pids_hit and returncode != 0:
         reason, detail = "pids", f"the pids limit ({limits.pids}) was reached"

@@ -33,8 +33,13 @@ class ProcessBackend(HostAgentBackend):
             name=self.name, available=True, strength=self.strength, enforces=frozenset(enforces),
             limits_via=self.cgroups.describe,
             notes=("no isolation: commands see and can change everything the user can",
-                   "never chosen by auto; zones and network 'none' need --allow-weaker"),
+                   "never chosen by auto; zones and network 'none' need --allow-weaker",
+                   "network 'allow' is not enforced: commands are pointed at corral's proxy (HTTP_PROXY, "
+                   "HTTPS_PROXY, ALL_PROXY) but can go around it; only the in-process guard applies "
+                   "(corral.net.check_url and the requests/httpx transports, for Python code on the host)"),
         )  # fmt: skip
 
-    def hello(self, rp: ResolvedPolicy, private: dict[str, str]) -> tuple[dict[str, object], bytes]:
+    def hello(
+        self, rp: ResolvedPolicy, private: dict[str, str], *, proxy_port: int | None = None
+    ) -> tuple[dict[str, object], bytes]:
         return {}, b""

@@ -26,9 +26,10 @@ BACKENDS: dict[str, tuple[str, str, int]] = {
     # Container backends are chosen explicitly (backend = "docker" / "gvisor"), never by `auto`.
     "docker": ("corral.backends.docker", "DockerBackend", 40),
     "gvisor": ("corral.backends.gvisor", "GVisorBackend", 50),
+    "microvm": ("corral.backends.microvm.backend", "MicrovmBackend", 60),
 }
 AUTO_ORDER = ("namespace", "landlock")
-PROBE_CACHE_VERSION = "1"
+PROBE_CACHE_VERSION = "2"  # 2: net.allow joined the namespace and landlock capabilities
 
 
 def known_backends() -> tuple[str, ...]:

@@ -32,7 +32,7 @@ RUN_FLAGS: dict[str, tuple[str | None, bool, str]] = {
     "--no-config": (None, False, "ignore config files"),
     "--zone": ("HOST[:MOUNT][:ro|rw]", True, "add a zone (read-only unless :rw)"),
     "--tmpfs": ("MOUNT[:SIZE]", True, "add a tmpfs zone"),
-    "--net": ("MODE", False, "none (default), host, or allow:DOMAIN[:PORT],..."),
+    "--net": ("MODE", False, "none (default), host, or allow:DOMAIN[:PORT],ADDRESS[:PORT],CIDR,..."),
     "--memory": ("SIZE", False, "memory limit, e.g. 512M (unlimited: none)"),
     "--cpus": ("N", False, "CPU limit, e.g. 1.5"),
     "--pids": ("N", False, "process limit (unlimited: none)"),
@@ -97,6 +97,14 @@ def _dispatch(args: list[str]) -> int:
         from corral.cli.audit import audit_command
 
         return audit_command(rest)
+    if command == "session":
+        from corral.cli.session import session_command
+
+        return session_command(rest)
+    if command == "mcp":
+        from corral.cli.mcp import mcp_command
+
+        return mcp_command(rest)
     if command == "selftest":
         from corral.cli.selftest import selftest_command
 
@@ -118,6 +126,8 @@ commands:
   run-code [FLAGS] FILE.py     run Python code in a fresh sandbox (corral run-code --help)
   doctor [--json]              which backends work here, and why not
   audit FILE [FILTERS]         read an audit log (corral audit --help)
+  session COMMAND ...          persistent workspaces: copy-in, tools, diff, rollback, sync (corral session --help)
+  mcp [--project DIR] [...]    serve a sandboxed session's tools to an MCP client (corral mcp --help)
   selftest [--backend B]       run the escape battery here: which attacks each backend stops
   image base|build             images for the docker and gvisor backends, no registry needed
   --version                    print the version
@@ -177,13 +187,22 @@ def parse_run_args(args: list[str]) -> tuple[dict[str, object], list[str]]:
     return opts, []
 
 
-def build_policy(opts: dict[str, object]) -> tuple[object, str | None, str | None, str | None]:
-    """(policy, backend, min_backend, audit path) from config files and flags: flags win."""
-    from corral.policy.load import load_config
+def build_policy(
+    opts: dict[str, object], *, workspace: str | None = None
+) -> tuple[object, str | None, str | None, str | None]:
+    """(policy, backend, min_backend, audit path) from config files and flags: flags win.
+
+    `workspace` (default: the current directory) is the project the profile's workspace zone names;
+    the config file is then looked for from there.
+    """
+    from corral.policy.load import find_config, load_config
     from corral.policy.model import Commands, Env, Limits, Network, Zone
     from corral.units import parse_duration, parse_size
 
-    config = load_config(_opt(opts, "--config"), profile=_opt(opts, "--profile"), search=not opts.get("--no-config"))
+    config_path, search = _opt(opts, "--config"), not opts.get("--no-config")
+    if workspace is not None and config_path is None and search:
+        config_path, search = find_config(workspace), False
+    config = load_config(config_path, profile=_opt(opts, "--profile"), workspace=workspace, search=search)
     policy = config.policy
     zones = [Zone.parse(spec) for spec in _list(opts, "--zone")]
     zones += [Zone.parse_tmpfs(spec) for spec in _list(opts, "--tmpfs")]
@@ -241,6 +260,43 @@ _LIMIT_FLAGS = (
     ("--memory", "memory"), ("--output", "output"), ("--file-size", "file_size"), ("--timeout", "timeout"),
     ("--pids", "pids"), ("--open-files", "open_files"), ("--cpus", "cpus"),
 )  # fmt: skip
+
+
+def split_own_flags(
+    args: list[str], own: dict[str, bool], *, repeatable: tuple[str, ...] = ()
+) -> tuple[dict[str, object], set[str], list[str]]:
+    """Separate a subcommand's own flags (`own`: flag -> takes a value) from `corral run`'s policy
+    flags. Returns (values, switches, the remaining arguments for `parse_run_args`)."""
+    values: dict[str, object] = {}
+    switches: set[str] = set()
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        flag, eq, value = arg.partition("=")
+        if flag in own:
+            if not own[flag]:
+                switches.add(flag)
+            else:
+                if not eq:
+                    i += 1
+                    if i >= len(args):
+                        raise ConfigError("needs a value", where=flag)
+                    value = args[i]
+                if flag in repeatable:
+                    existing = values.setdefault(flag, [])
+                    assert isinstance(existing, list)
+                    existing.append(value)
+                else:
+                    values[flag] = value
+        else:
+            rest.append(arg)
+            spec = RUN_FLAGS.get(flag)
+            if spec is not None and spec[0] is not None and not eq and i + 1 < len(args):
+                i += 1
+                rest.append(args[i])
+        i += 1
+    return values, switches, rest
 
 
 def _opt(opts: dict[str, object], name: str) -> str | None:

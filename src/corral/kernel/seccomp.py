@@ -13,6 +13,11 @@ The filter is a denylist: everything is allowed except
 - ioctl TIOCSTI and TIOCLINUX (terminal keystroke injection), compared on the low 32 bits: EPERM;
 - socket() with an address family the network mode does not need: EAFNOSUPPORT; netlink only
   for NETLINK_ROUTE.
+
+With `tcp_client_only` (the landlock backend's network mode 'allow', where Landlock limits TCP
+connect() to the proxy's port) IPv4 and IPv6 sockets must also be TCP (no UDP, ICMP, SCTP or MPTCP,
+which Landlock does not restrict), and listen() and TCP Fast Open sends (sendto/sendmsg/sendmmsg
+with MSG_FASTOPEN, which connect without connect() and so without Landlock's check) are refused: EPERM.
 """
 
 from __future__ import annotations
@@ -96,8 +101,12 @@ SYSCALLS: dict[str, tuple[int | None, int | None]] = {
     "clone3": (435, 435),
     "ioctl": (16, 29),
     "socket": (41, 198),
+    "listen": (50, 201),
+    "sendto": (44, 206),
+    "sendmsg": (46, 211),
+    "sendmmsg": (307, 269),
 }
-SPECIAL = ("clone", "clone3", "ioctl", "socket")
+SPECIAL = ("clone", "clone3", "ioctl", "socket", "listen", "sendto", "sendmsg", "sendmmsg")
 DENIED = tuple(name for name in SYSCALLS if name not in SPECIAL)
 
 CLONE_NEW_FLAGS = 0x7E020000  # NEWNS | NEWCGROUP | NEWUTS | NEWIPC | NEWUSER | NEWPID | NEWNET
@@ -107,9 +116,16 @@ AF_UNIX, AF_INET, AF_INET6, AF_NETLINK = 1, 2, 10, 16
 NETLINK_ROUTE = 0
 # Families a sandbox with its own network namespace may use (all traffic stays inside it).
 FAMILIES_NETNS = (AF_UNIX, AF_INET, AF_INET6, AF_NETLINK)
+SOCK_STREAM = 1
+SOCK_TYPE_MASK = 0xF  # the type without SOCK_NONBLOCK / SOCK_CLOEXEC
+IPPROTO_TCP = 6
+MSG_FASTOPEN = 0x20000000
+# (syscall, index of its flags argument) for the sends that can carry MSG_FASTOPEN
+_FASTOPEN_SENDS = (("sendto", 3), ("sendmsg", 2), ("sendmmsg", 3))
 
 # classic BPF opcodes
 _LD_ABS_W = 0x20
+_ALU_AND_K = 0x54
 _JEQ_K = 0x15
 _JGE_K = 0x35
 _JSET_K = 0x45
@@ -139,6 +155,9 @@ class _Asm:
 
     def jump(self, op: int, k: int, jt: str | int, jf: str | int) -> None:
         self.code.append((op, jt, jf, k))
+
+    def and_(self, k: int) -> None:
+        self.code.append((_ALU_AND_K, 0, 0, k))
 
     def ret(self, value: int) -> None:
         self.code.append((_RET_K, 0, 0, value))
@@ -171,19 +190,21 @@ def native_arch() -> str:
     return machine
 
 
-_BUILT: dict[tuple[tuple[int, ...], str], bytes] = {}
+_BUILT: dict[tuple[tuple[int, ...], str, bool], bytes] = {}
 
 
-def build_filter(*, families: Iterable[int] = FAMILIES_NETNS, arch: str | None = None) -> bytes:
+def build_filter(
+    *, families: Iterable[int] = FAMILIES_NETNS, arch: str | None = None, tcp_client_only: bool = False
+) -> bytes:
     """The filter as a `struct sock_filter[]` byte string, for `bwrap --seccomp FD` or PR_SET_SECCOMP."""
     arch = arch or native_arch()
-    key = (tuple(sorted(set(families))), arch)
+    key = (tuple(sorted(set(families))), arch, tcp_client_only)
     if key not in _BUILT:
-        _BUILT[key] = _assemble_filter(key[0], arch)
+        _BUILT[key] = _assemble_filter(key[0], arch, tcp_client_only=tcp_client_only)
     return _BUILT[key]
 
 
-def _assemble_filter(families: tuple[int, ...], arch: str) -> bytes:
+def _assemble_filter(families: tuple[int, ...], arch: str, *, tcp_client_only: bool = False) -> bytes:
     index = 0 if arch == "x86_64" else 1
     allowed = families
 
@@ -217,11 +238,21 @@ def _assemble_filter(families: tuple[int, ...], arch: str) -> bytes:
     a.jump(_JEQ_K, TIOCLINUX, "deny", "allow")
     a.label("not_ioctl")
 
+    if tcp_client_only:
+        a.jump(_JEQ_K, _require(nr("listen")), "deny", 0)
+        for name, flags_arg in _FASTOPEN_SENDS:
+            a.jump(_JEQ_K, _require(nr(name)), 0, f"not_{name}")
+            a.ld(_arg_lo(flags_arg))
+            a.jump(_JSET_K, MSG_FASTOPEN, "deny", "allow")
+            a.label(f"not_{name}")
+
     a.jump(_JEQ_K, _require(nr("socket")), 0, "allow")
     a.ld(_arg_lo(0))
     for family in allowed:
         if family == AF_NETLINK:
             a.jump(_JEQ_K, family, "netlink", 0)
+        elif tcp_client_only and family in (AF_INET, AF_INET6):
+            a.jump(_JEQ_K, family, "tcp", 0)
         else:
             a.jump(_JEQ_K, family, "allow", 0)
     a.ret(ret_errno(EAFNOSUPPORT))
@@ -229,6 +260,14 @@ def _assemble_filter(families: tuple[int, ...], arch: str) -> bytes:
     a.ld(_arg_lo(2))
     a.jump(_JEQ_K, NETLINK_ROUTE, "allow", 0)
     a.ret(ret_errno(EAFNOSUPPORT))
+    if tcp_client_only:
+        a.label("tcp")
+        a.ld(_arg_lo(1))
+        a.and_(SOCK_TYPE_MASK)
+        a.jump(_JEQ_K, SOCK_STREAM, 0, "deny")
+        a.ld(_arg_lo(2))
+        a.jump(_JEQ_K, 0, "allow", 0)
+        a.jump(_JEQ_K, IPPROTO_TCP, "allow", "deny")
 
     a.label("deny")
     a.ret(ret_errno(EPERM))

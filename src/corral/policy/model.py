@@ -161,33 +161,55 @@ class Network(Record):
     ) -> None:
         if mode not in NET_MODES:
             raise ConfigError(f"expected one of {', '.join(NET_MODES)}, got {mode!r}", where="network.mode")
-        allow_t = tuple(a.lower() for a in _tuple_of_str(allow, where="network.allow"))
+        allow_t = _tuple_of_str(allow, where="network.allow")
         allow_cidrs_t = _tuple_of_str(allow_cidrs, where="network.allow_cidrs")
         deny_cidrs_t = _tuple_of_str(deny_cidrs, where="network.deny_cidrs")
         if mode != "allow" and (allow_t or allow_cidrs_t):
             raise ConfigError(f"an allowlist needs mode 'allow', not {mode!r}", where="network.allow")
         for i, pattern in enumerate(allow_t):
             _check_domain_pattern(pattern, where=f"network.allow[{i}]")
-        if upstream is not None and (not isinstance(upstream, str) or "://" not in upstream):
+        allow_t = tuple(a.lower() for a in allow_t)
+        for name, cidrs in (("allow_cidrs", allow_cidrs_t), ("deny_cidrs", deny_cidrs_t)):
+            for i, cidr in enumerate(cidrs):
+                _check_cidr(cidr, where=f"network.{name}[{i}]")
+        if upstream is not None and (not isinstance(upstream, str) or not upstream.startswith("http://")):
             raise ConfigError(
-                f"expected a proxy URL such as http://proxy:3128, got {upstream!r}", where="network.upstream"
+                f"expected an HTTP proxy URL such as http://proxy:3128, got {upstream!r}", where="network.upstream"
             )
         self._set(mode=mode, allow=allow_t, allow_cidrs=allow_cidrs_t, deny_cidrs=deny_cidrs_t, upstream=upstream)
 
     @classmethod
     def parse(cls, spec: str) -> Network:
-        """`none`, `host` or `allow:DOMAIN[:PORT],...` as given to `--net`."""
+        """`none`, `host` or `allow:DOMAIN[:PORT],...` as given to `--net` (an item with a `/` is a CIDR)."""
         if spec in ("none", "host"):
             return cls(mode=spec)  # type: ignore[arg-type]
         if spec.startswith("allow:"):
             items = [s.strip() for s in spec[len("allow:") :].split(",") if s.strip()]
             if not items:
                 raise ConfigError("allow: needs at least one domain", where="--net")
-            return cls(mode="allow", allow=items)
+            # Address ranges (10.0.0.0/8) go to allow_cidrs; everything else is a name or an address.
+            return cls(
+                mode="allow", allow=[i for i in items if "/" not in i], allow_cidrs=[i for i in items if "/" in i]
+            )
         raise ConfigError(f"expected none, host or allow:DOMAIN,..., got {spec!r}", where="--net")
 
 
 def _check_domain_pattern(pattern: str, *, where: str) -> None:
+    if not pattern.isascii() or any(c.isspace() or c in "/@%" for c in pattern):
+        raise ConfigError(f"not a domain pattern: {pattern!r} (write names in their ASCII xn-- form)", where=where)
+    if pattern.startswith("[") or pattern.count(":") > 1:  # an IPv6 address: [addr], [addr]:port or addr
+        address, close, port = pattern[1:].partition("]") if pattern.startswith("[") else (pattern, "]", "")
+        if not close or (port and (not port.startswith(":") or not port[1:].isdigit())):
+            raise ConfigError(f"expected [IPv6] or [IPv6]:PORT, got {pattern!r}", where=where)
+        if port and not 0 < int(port[1:]) < 65536:
+            raise ConfigError(f"bad port in {pattern!r}", where=where)
+        import ipaddress
+
+        try:
+            ipaddress.IPv6Address(address)
+        except ValueError:
+            raise ConfigError(f"not an IPv6 address: {pattern!r}", where=where) from None
+        return
     host, _, port = pattern.rpartition(":") if pattern.count(":") == 1 else (pattern, "", "")
     if port and (not port.isdigit() or not 0 < int(port) < 65536):
         raise ConfigError(f"bad port in {pattern!r}", where=where)
@@ -198,6 +220,17 @@ def _check_domain_pattern(pattern: str, *, where: str) -> None:
         raise ConfigError(f"a wildcard may only be a leading '*.' label: {pattern!r}", where=where)
     if host.startswith("*.") and len(labels) < 3:
         raise ConfigError(f"over-broad pattern {pattern!r}: name at least two labels after '*.'", where=where)
+
+
+def _check_cidr(cidr: str, *, where: str) -> None:
+    import ipaddress
+
+    try:
+        ipaddress.ip_network(cidr, strict=False)
+    except ValueError:
+        raise ConfigError(
+            f"expected an address range such as 10.0.0.0/8 or fd00::/8, got {cidr!r}", where=where
+        ) from None
 
 
 class Commands(Record):

@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 
 AGENT_DIR = "/.corral/agent"
 PYTHON_DIR = "/.corral/python"
+PROXY_SOCKET = "/.corral/proxy.sock"  # the network proxy's unix socket (network mode 'allow')
+PROXY_PORT = 3128  # where the forwarder to that socket listens, on the sandbox's own loopback
 
 
 class LaunchFds(Record):
@@ -33,14 +35,18 @@ class LaunchFds(Record):
 
 
 class Extras(Record):
-    """Host paths corral itself needs inside: its agent's code and, if needed, a Python for it."""
+    """Host paths corral itself needs inside: its agent's code, if needed a Python for it, and the
+    network proxy's socket."""
 
-    __slots__ = ("agent_dir", "python_prefix")
+    __slots__ = ("agent_dir", "proxy_socket", "python_prefix")
     agent_dir: str | None
     python_prefix: str | None
+    proxy_socket: str | None
 
-    def __init__(self, *, agent_dir: str | None = None, python_prefix: str | None = None) -> None:
-        self._set(agent_dir=agent_dir, python_prefix=python_prefix)
+    def __init__(
+        self, *, agent_dir: str | None = None, python_prefix: str | None = None, proxy_socket: str | None = None
+    ) -> None:
+        self._set(agent_dir=agent_dir, python_prefix=python_prefix, proxy_socket=proxy_socket)
 
 
 def bwrap_argv(
@@ -90,6 +96,8 @@ def bwrap_argv(
             args += ["--ro-bind", extras.agent_dir, AGENT_DIR]
         if extras.python_prefix is not None:
             args += ["--ro-bind", extras.python_prefix, PYTHON_DIR]
+        if extras.proxy_socket is not None:
+            args += ["--ro-bind", extras.proxy_socket, PROXY_SOCKET]
     for zone in rp.zones:
         if zone.mode == "tmpfs":
             if zone.size is not None and tmpfs_size:

@@ -7,7 +7,7 @@ import sys
 import time
 
 from corral.backends.base import Backend, Capabilities, LiveSandbox, Result
-from corral.backends.namespace.argv import AGENT_DIR, PYTHON_DIR, Extras
+from corral.backends.namespace.argv import AGENT_DIR, PROXY_PORT, PROXY_SOCKET, PYTHON_DIR, Extras
 from corral.backends.namespace.launch import Bwrap, find_bwrap, launch
 from corral.backends.outcome import classify, not_started
 from corral.errors import BackendUnavailable, LaunchError
@@ -18,11 +18,13 @@ if TYPE_CHECKING:
 
     from corral.backends.base import EventSink, OutputCallback
     from corral.kernel.cgroups import CgroupHost
+    from corral.net.proxy import Resolver
+    from corral.net.service import SandboxProxy
     from corral.policy.resolve import ResolvedPolicy
 
 ALWAYS = frozenset({
     "exec.commands",
-    "fs.isolation", "fs.remap", "fs.tmpfs", "proc.isolation", "net.none", "net.host",
+    "fs.isolation", "fs.remap", "fs.tmpfs", "proc.isolation", "net.none", "net.host", "net.allow",
     "syscall.filter", "limits.timeout", "limits.output", "limits.file_size", "limits.open_files",
 })  # fmt: skip
 
@@ -31,9 +33,10 @@ class NamespaceBackend(Backend):
     name = "namespace"
     strength = 30
 
-    def __init__(self, *, cgroups: CgroupHost | None = None) -> None:
+    def __init__(self, *, cgroups: CgroupHost | None = None, resolver: Resolver | None = None) -> None:
         self._bwrap: Bwrap | None = None
         self._cgroups = cgroups
+        self._resolver = resolver  # the network proxy's resolver (None: the host's); tests map names with it
 
     @property
     def bwrap(self) -> Bwrap:
@@ -96,6 +99,7 @@ class NamespaceBackend(Backend):
         if "memory" not in cgroups.controllers:
             notes.append("memory limit is an RLIMIT_DATA per process (no memory cgroup here)")
         notes.append("Landlock is layered inside live sandboxes where the kernel has it")
+        notes.append("network 'allow': loopback only inside; a host proxy (HTTP, CONNECT, SOCKS5) via a unix socket")
         return Capabilities(
             name=self.name, available=True, strength=self.strength, enforces=frozenset(enforces),
             limits_via=cgroups.describe, notes=tuple(notes),
@@ -145,11 +149,22 @@ class NamespaceBackend(Backend):
             )
             ours.append(in_fd)
         started = time.monotonic()
+        proxy: SandboxProxy | None = None
         try:
-            launched = launch(self.bwrap, rp, argv, cgroups=lambda: self.cgroups, stdio=(in_fd, *out_fds))
+            command, extras = list(argv), None
+            if rp.network.mode == "allow":
+                # The command starts behind the in-sandbox forwarder to the proxy (see corral.agent.forward).
+                python, extras = agent_python()
+                proxy, rp, extras = self._start_proxy(rp, extras, events)
+                command = [python, "-E", "-s", "-S", "-B", f"{AGENT_DIR}/forward.py", str(PROXY_PORT),
+                           PROXY_SOCKET, "--", *argv]  # fmt: skip
+            launched = launch(self.bwrap, rp, command, cgroups=lambda: self.cgroups, stdio=(in_fd, *out_fds),
+                              extras=extras)  # fmt: skip
         except BaseException:
             for fd in readers.values():
                 os.close(fd)
+            if proxy is not None:
+                proxy.stop()
             raise
         finally:
             for fd in ours:
@@ -172,6 +187,19 @@ class NamespaceBackend(Backend):
             launched.kill()
             launched.wait()
             launched.release()
+            if proxy is not None:
+                proxy.stop()
+
+    def _start_proxy(
+        self, rp: ResolvedPolicy, extras: Extras, events: EventSink | None
+    ) -> tuple[SandboxProxy, ResolvedPolicy, Extras]:
+        """The sandbox's network proxy on a unix socket, the socket mounted in, the proxy variables set."""
+        from corral.net.service import SandboxProxy, proxy_env
+
+        proxy = SandboxProxy.start_unix(rp.network, events=events, resolver=self._resolver)
+        assert proxy.socket_path is not None
+        env = {**rp.env_dict, **proxy_env(PROXY_PORT)}
+        return proxy, rp.replace(env=tuple(sorted(env.items()))), extras.replace(proxy_socket=proxy.socket_path)
 
     # ------------------------------------------------------------------ live
     def start(self, rp: ResolvedPolicy, *, sandbox_id: str, events: EventSink | None = None) -> LiveSandbox:
@@ -181,6 +209,11 @@ class NamespaceBackend(Backend):
         from corral.backends.live import AgentSandbox
 
         python, extras = agent_python()
+        hello: dict[str, object] = {"landlock": landlock_rules(rp)}
+        proxy: SandboxProxy | None = None
+        if rp.network.mode == "allow":
+            proxy, rp, extras = self._start_proxy(rp, extras, events)
+            hello["proxy"] = {"port": PROXY_PORT, "socket": PROXY_SOCKET}
         host_sock, agent_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         log_fd = os.memfd_create("corral-agent-log", os.MFD_CLOEXEC)
         null_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
@@ -193,6 +226,8 @@ class NamespaceBackend(Backend):
         except BaseException:
             host_sock.close()
             os.close(log_fd)
+            if proxy is not None:
+                proxy.stop()
             raise
         finally:
             agent_sock.close()
@@ -203,10 +238,12 @@ class NamespaceBackend(Backend):
             launched.wait()
             launched.release()
             os.close(log_fd)
+            if proxy is not None:
+                proxy.stop()
 
         client = AgentClient(host_sock)
         try:
-            client.handshake({"landlock": landlock_rules(rp)})
+            client.handshake(hello)
         except BaseException as exc:
             teardown_log = _read_log(log_fd)
             host_sock.close()

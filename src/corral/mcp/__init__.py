@@ -1,0 +1,5 @@
+"""corral's MCP server: `corral mcp` (stdio or streamable HTTP) over one workspace session."""
+
+from corral.mcp.server import CorralMCP
+
+__all__ = ["CorralMCP"]

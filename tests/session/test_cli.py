@@ -1,0 +1,87 @@
+"""`corral session ...` as a person and as a program use it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import corral_cli
+
+pytestmark = pytest.mark.usefixtures("namespace_ok")
+
+
+def cli_json(*args: str, cwd: Path | None = None, code: int = 0) -> object:
+    r = corral_cli("session", *args, "--json", cwd=cwd)
+    assert r.returncode == code, r.stderr.decode()
+    return json.loads(r.stdout)
+
+
+def test_a_whole_session_from_the_command_line(project: Path, data_dir: Path) -> None:
+    started = cli_json("start", "--name", "cli", "--project", str(project), "--exclude", ".env",
+                       "--deny-command", "git push", "--memory", "512M")  # fmt: skip
+    assert started["name"] == "cli" and started["backend"] == "namespace"  # type: ignore[index]
+    assert started["copy"]["files"] == 7  # type: ignore[index]
+
+    r = corral_cli("session", "exec", "cli", "--", "sh", "-c", "make app && ./app && echo done > out.txt")
+    assert r.returncode == 0 and r.stdout.endswith(b"5\n"), r.stderr
+    assert corral_cli("session", "exec", "cli", "--", "sh", "-c", "exit 3").returncode == 3
+    denied = corral_cli("session", "exec", "cli", "--", "git", "push")
+    assert denied.returncode == 122 and b"denied by policy" in denied.stderr
+
+    edit = cli_json("tool", "cli", "edit_file", "calc.c", "a + b", "a+b")
+    assert edit["replacements"] == 1 and edit["tool"] == "edit_file"  # type: ignore[index]
+    read = cli_json("tool", "cli", "read_file", "calc.c", "--offset", "2")
+    assert read["text"] == "int add(int a, int b) { return a+b; }\n"  # type: ignore[index]
+    bad = corral_cli("session", "tool", "cli", "edit_file", "calc.c", "nope", "x")
+    assert bad.returncode == 1 and b"old text not found" in bad.stderr
+    found = cli_json("tool", "cli", "search", "return", "--glob", "*.c")
+    assert {m["path"] for m in found["matches"]} == {"main.c", "calc.c"}  # type: ignore[index]
+    r = corral_cli("session", "tool", "cli", "write_file", "notes.txt", "-", input=b"from stdin\n")
+    assert r.returncode == 0 and b"wrote notes.txt" in r.stdout
+
+    log = cli_json("log", "cli")
+    assert [s["tool"] for s in log] == ["copy-in", "exec", "exec", "edit_file", "write_file"]  # type: ignore[index]
+    people = corral_cli("session", "log", "cli")
+    assert b"edit_file calc.c" in people.stdout
+    diff = cli_json("diff", "cli")
+    assert {f["path"] for f in diff["files"]} == {"calc.c", "out.txt", "notes.txt"}  # type: ignore[index]
+    assert "+int add(int a, int b) { return a+b; }" in diff["diff"]  # type: ignore[index]
+    text = corral_cli("session", "diff", "cli", "--step", "3")
+    assert b"calc.c" in text.stdout and b"-int add" in text.stdout
+
+    # sync: refuses without --yes when nobody can be asked; --dry-run shows; --yes writes.
+    r = corral_cli("session", "sync", "cli")
+    assert r.returncode == 2 and b"--yes" in r.stderr
+    plan = cli_json("sync", "cli", "--dry-run")
+    assert plan["counts"] == {"pending": 3}  # type: ignore[index]
+    done = cli_json("sync", "cli", "--yes", "calc.c")
+    assert done["counts"] == {"written": 1}  # type: ignore[index]
+    assert (project / "calc.c").read_text().endswith("return a+b; }\n") and not (project / "out.txt").exists()
+
+    rolled = cli_json("rollback", "cli", "0")
+    assert rolled == {"rolled_back_to": 0, "step": 5}
+    listed = cli_json("list")
+    assert [(s["name"], s["steps"]) for s in listed] == [("cli", 5)]  # type: ignore[index]
+    assert cli_json("rm", "cli") == {"removed": ["cli"]}
+    assert cli_json("list") == []
+
+
+def test_errors_are_clear(project: Path, data_dir: Path) -> None:
+    r = corral_cli("session", "exec", "nope", "--", "true")
+    assert r.returncode != 0 and b"no session named 'nope'" in r.stderr
+    r = corral_cli("session", "start", "--name", "bad name", "--project", str(project))
+    assert r.returncode == 2 and b"session name" in r.stderr
+    r = corral_cli("session", "frobnicate")
+    assert r.returncode == 2 and b"unknown session command" in r.stderr
+    assert corral_cli("session", "--help").returncode == 0
+
+
+def test_start_uses_the_project_config(project: Path, data_dir: Path, tmp_path: Path) -> None:
+    (project / "corral.toml").write_text('[commands]\ndeny = ["rm"]\n')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    cli_json("start", "--name", "cfg", "--project", str(project), cwd=elsewhere)
+    r = corral_cli("session", "exec", "cfg", "--", "rm", "README.md")
+    assert r.returncode == 122
