@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import corral
 from corral.backends import registry
 from corral.backends.base import Backend, Capabilities
 from corral.selftest.battery import BATTERY, Attack, AttackContext, Breach, NotApplicable
@@ -108,3 +109,55 @@ def test_cli_stdin_from_a_file_continues_where_the_host_stopped(
             timeout=120,
         )
     assert done.stdout.decode().splitlines() == ["host:one", "two", "three"]
+
+
+ALLOW_PROBE = """
+import os, socket, urllib.request
+print(os.environ["HTTP_PROXY"])
+print(urllib.request.urlopen("http://127.0.0.1:{p}/allowed").read().decode().splitlines()[0])
+try:
+    urllib.request.urlopen("http://127.0.0.1:{q}/denied")
+except urllib.error.HTTPError as e:
+    print("denied", e.code, e.headers["X-Corral-Rule"])
+try:
+    socket.create_connection(("127.0.0.1", {p}), timeout=3)
+    print("DIRECT CONNECTED")
+except OSError as e:
+    print("direct refused")
+"""
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_network_allow_through_the_mounted_proxy_socket(
+    name: str, workdir: Path, request: pytest.FixtureRequest
+) -> None:
+    """Network mode 'allow': only the listed address, through the host's proxy; no direct route."""
+    from corral.policy.resolve import resolve
+    from tests.net.conftest import Origin
+
+    _ready(name, request)
+    origin = Origin()
+    try:
+        p = origin.port
+        policy = corral.Policy.workspace(str(workdir)).replace(
+            network=corral.Network(mode="allow", allow=[f"127.0.0.1:{p}"])
+        )
+        events: list[tuple[str, dict[str, object]]] = []
+        r = registry.create(name).run(
+            resolve(policy, host_cwd=str(workdir)),
+            ["python3", "-c", ALLOW_PROBE.format(p=p, q=p + 1)],
+            sandbox_id="allow",
+            events=lambda e, f: events.append((e, f)),
+            timeout=60,
+        )
+        assert r.ok, r
+        assert r.stdout_text.splitlines() == [
+            "http://127.0.0.1:3128",
+            f"GET /allowed host=127.0.0.1:{p} body=",
+            "denied 403 default-deny",
+            "direct refused",
+        ]
+        assert origin.paths() == ["/allowed"]
+        assert [(f["action"], f["port"]) for e, f in events if e == "net.decision"] == [("allow", p), ("deny", p + 1)]
+    finally:
+        origin.close()

@@ -26,6 +26,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from corral.backends.base import EventSink
+    from corral.net.service import SandboxProxy
     from corral.policy.resolve import ResolvedPolicy
 
 LABEL_SANDBOX = "corral.sandbox"
@@ -155,6 +157,26 @@ def hello_for(
     if landlock:
         hello["landlock"] = landlock
     return hello, build_filter()
+
+
+def start_proxy(rp: ResolvedPolicy, events: EventSink | None) -> tuple[SandboxProxy, ResolvedPolicy]:
+    """Network mode 'allow': the sandbox's proxy on a host unix socket (its directory mounted in at
+    PROXY_DIR, where the agent's forwarder reaches it from the sandbox's loopback) and the proxy
+    variables set."""
+    from corral.backends.oci import PROXY_PORT
+    from corral.net.service import SandboxProxy, proxy_env
+
+    proxy = SandboxProxy.start_unix(rp.network, events=events)
+    env = {**rp.env_dict, **proxy_env(PROXY_PORT)}
+    return proxy, rp.replace(env=tuple(sorted(env.items())))
+
+
+def proxy_hello(proxy: SandboxProxy) -> dict[str, object]:
+    """What the agent's forwarder needs: its port on the sandbox's loopback and the socket inside."""
+    from corral.backends.oci import PROXY_DIR, PROXY_PORT
+
+    assert proxy.socket_path is not None
+    return {"port": PROXY_PORT, "socket": f"{PROXY_DIR}/{os.path.basename(proxy.socket_path)}"}
 
 
 # ------------------------------------------------------------------ owners and orphans

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from corral.backends.base import EventSink
     from corral.backends.engine import Engine
     from corral.backends.oci import MountSpec
+    from corral.net.service import SandboxProxy
     from corral.policy.resolve import ResolvedPolicy
 
 ALWAYS = frozenset(
@@ -40,6 +41,7 @@ ALWAYS = frozenset(
         "proc.isolation",
         "net.none",
         "net.host",
+        "net.allow",
         "syscall.filter",
         "limits.timeout",
         "limits.output",
@@ -98,6 +100,7 @@ class DockerBackend(Backend):
             engine.describe,
             f"runtime {self.runtime or info.get('DefaultRuntime', 'runc')}, cgroup v{engine.cgroup_version}",
             "corral's seccomp filter stacked on the engine's default profile",
+            "network 'allow': loopback only inside; the host's proxy through a mounted unix socket",
             "commands run as root in the engine's user namespace (you outside); the policy's uid is not applied"
             if engine.rootless
             else "commands run with your uid (no per-container user namespace); the policy's uid is not applied",
@@ -173,6 +176,8 @@ class DockerBackend(Backend):
             accept_agent,
             hello_for,
             owner_label,
+            proxy_hello,
+            start_proxy,
         )
         from corral.backends.images import ensure_image
         from corral.backends.live import AgentSandbox
@@ -182,10 +187,6 @@ class DockerBackend(Backend):
         from corral.kernel.cgroups import Cgroup
         from corral.kernel.spawn import memfd_with
 
-        if rp.network.mode == "allow":
-            raise UnsupportedPolicy(
-                self.name, ("network mode 'allow' (the allowlist proxy is not bridged into containers yet)",)
-            )
         engine = self.engine
         self.check_runtime(engine)
         self._refuse_engine_socket(rp, engine)
@@ -194,7 +195,15 @@ class DockerBackend(Backend):
         # The caller's own identity, so files in zones keep their owner: the caller's uid in a
         # rootful engine, root in a rootless one (whose user namespace maps it to the caller).
         uid, gid = (0, 0) if engine.rootless else (os.getuid(), os.getgid())
-        state = StateDir(sandbox_id)
+        proxy: SandboxProxy | None = None
+        if rp.network.mode == "allow":
+            proxy, rp = start_proxy(rp, events)
+        try:
+            state = StateDir(sandbox_id)
+        except BaseException:
+            if proxy is not None:
+                proxy.stop()
+            raise
         container_id: str | None = None
         listener: socket.socket | None = None
         try:
@@ -224,6 +233,7 @@ class DockerBackend(Backend):
                 agent_dir=agent_dir,
                 run_dir=state.run,
                 python_prefix=python_prefix,
+                proxy_socket=proxy.socket_path if proxy is not None else None,
                 uid=uid,
                 gid=gid,
             )
@@ -253,6 +263,8 @@ class DockerBackend(Backend):
                 ro = landlock.get("ro")
                 landlock["ro"] = [*ro, RUN_DIR] if isinstance(ro, list) else [RUN_DIR]
             hello, program = hello_for(rp, landlock=landlock)
+            if proxy is not None:
+                hello["proxy"] = proxy_hello(proxy)
             try:
                 client.handshake(hello, fds=[memfd_with("corral-seccomp", program)], timeout=30)
             except BaseException:
@@ -267,6 +279,8 @@ class DockerBackend(Backend):
             if container_id is not None:
                 self._remove(engine, container_id)
             state.remove()
+            if proxy is not None:
+                proxy.stop()
             if isinstance(exc, LaunchError) and log:
                 raise LaunchError(f"{exc}: {log}") from exc
             raise
@@ -274,6 +288,8 @@ class DockerBackend(Backend):
         def teardown() -> None:
             self._remove(engine, cid)
             state.remove()
+            if proxy is not None:
+                proxy.stop()
 
         return AgentSandbox(
             backend=self.name, sandbox_id=sandbox_id, rp=rp, client=client, cgroup=cgroup, teardown=teardown

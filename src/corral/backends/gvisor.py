@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
     from corral.backends.base import EventSink, OutputCallback
     from corral.backends.engine import Engine
+    from corral.net.service import SandboxProxy
     from corral.policy.resolve import ResolvedPolicy
 
 PLATFORMS = ("systrap", "kvm", "ptrace")
@@ -75,7 +76,8 @@ class Runsc:
             self._platforms = tuple(p for p in PLATFORMS if p in line) or ("ptrace",)
         return self._platforms
 
-    def command(self, *args: str, platform: str, network: str = "none") -> list[str]:
+    def command(self, *args: str, platform: str, network: str = "none", host_uds: bool = False) -> list[str]:
+        """`host_uds`: the sandbox may connect to a host unix socket mounted in (the network proxy's)."""
         argv = [
             self.path,
             "--root",
@@ -86,6 +88,8 @@ class Runsc:
             network,
             "--file-access-mounts=shared",
         ]
+        if host_uds:
+            argv.append("--host-uds=open")
         if os.getuid() != 0:
             argv += ["--rootless", "--ignore-cgroups"]
         return [*argv, *args]
@@ -192,7 +196,7 @@ class GVisorBackend(Backend):
             )
         if direct_problem is not None:
             notes.insert(0, f"runsc directly: not available ({direct_problem[0]})")
-        enforces = set(ALWAYS) | {"limits.pids"}
+        enforces = set(ALWAYS) | {"limits.pids"}  # ALWAYS has net.allow: the proxy's socket is mounted in
         if os.getuid() == 0:
             enforces |= {"limits.memory", "limits.cpus"}
         else:
@@ -289,10 +293,6 @@ class GVisorBackend(Backend):
 
     # ------------------------------------------------------------------ live
     def start(self, rp: ResolvedPolicy, *, sandbox_id: str, events: EventSink | None = None) -> LiveSandbox:
-        if rp.network.mode == "allow":
-            raise UnsupportedPolicy(
-                self.name, ("network mode 'allow' (the allowlist proxy is not bridged into gVisor sandboxes yet)",)
-            )
         if rp.policy.container.image is not None:
             return self.engine_backend.start(rp, sandbox_id=sandbox_id, events=events)
         try:
@@ -300,7 +300,7 @@ class GVisorBackend(Backend):
         except BackendUnavailable:
             # no runsc here, but an engine with the runsc runtime: corral's own image through it
             return self.engine_backend.start(rp, sandbox_id=sandbox_id, events=events)
-        return self._start_direct(rp, sandbox_id=sandbox_id, platform=self.platform(), runsc=runsc)
+        return self._start_direct(rp, sandbox_id=sandbox_id, platform=self.platform(), runsc=runsc, events=events)
 
     def _start_direct(
         self,
@@ -310,11 +310,12 @@ class GVisorBackend(Backend):
         platform: str,
         runsc: Runsc | None = None,
         start_timeout: float = 30.0,
+        events: EventSink | None = None,
     ) -> LiveSandbox:
         import socket
 
         from corral.agent.client import AgentClient
-        from corral.backends.containers import StateDir, hello_for, owner_label
+        from corral.backends.containers import StateDir, hello_for, owner_label, proxy_hello, start_proxy
         from corral.backends.namespace.argv import AGENT_DIR
         from corral.backends.namespace.backend import agent_python
         from corral.backends.oci import container_mounts, identity_etc, oci_config, skeleton
@@ -332,6 +333,9 @@ class GVisorBackend(Backend):
         container_id = f"corral-{sandbox_id}-{os.urandom(4).hex()}"
         child: Child | None = None
         cgroup: Cgroup | None = None
+        proxy: SandboxProxy | None = None
+        if rp.network.mode == "allow":
+            proxy, rp = start_proxy(rp, events)
         host_sock, agent_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         log_fd = os.memfd_create("corral-runsc-log", os.MFD_CLOEXEC)
         try:
@@ -341,6 +345,7 @@ class GVisorBackend(Backend):
                 etc="rootfs",
                 agent_dir=str(extras.agent_dir),
                 python_prefix=extras.python_prefix,
+                proxy_socket=proxy.socket_path if proxy is not None else None,
                 uid=uid,
                 gid=gid,
             )
@@ -376,7 +381,8 @@ class GVisorBackend(Backend):
             with open(os.path.join(state.path, "owner"), "w", encoding="utf-8") as f:
                 f.write(f"{container_id}\n{owner_label()}\n")
             network = "host" if rp.network.mode == "host" else "none"
-            argv = runsc.command("run", "--bundle", bundle, container_id, platform=platform, network=network)
+            argv = runsc.command("run", "--bundle", bundle, container_id, platform=platform, network=network,
+                                 host_uds=proxy is not None)  # fmt: skip
             child = Child(
                 spawn(
                     argv,
@@ -390,6 +396,8 @@ class GVisorBackend(Backend):
             # The pids limit is an RLIMIT_NPROC inside: gVisor counts its own processes (a host pids
             # cgroup would count the sentry's threads instead).
             hello, program = hello_for(rp, landlock=None, cgroup_controllers=frozenset({"memory", "cpu"}))
+            if proxy is not None:
+                hello["proxy"] = proxy_hello(proxy)
             client.handshake(hello, fds=[memfd_with("corral-seccomp", program)], timeout=start_timeout)
         except BaseException as exc:
             agent_sock.close()
@@ -403,8 +411,10 @@ class GVisorBackend(Backend):
             if cgroup is not None:
                 cgroup.destroy()
             state.remove()
-            if isinstance(exc, LaunchError) and log:
-                raise LaunchError(f"{exc}: {log}") from exc
+            if proxy is not None:
+                proxy.stop()
+            if isinstance(exc, (LaunchError, OSError)) and log:
+                raise LaunchError(f"the sandbox did not start ({exc}): {log}") from exc
             raise
         monitor = child
         sandbox_cgroup = cgroup
@@ -421,6 +431,8 @@ class GVisorBackend(Backend):
                 sandbox_cgroup.destroy()
             os.close(log_fd)
             state.remove()
+            if proxy is not None:
+                proxy.stop()
 
         live = GVisorSandbox(
             backend=self.name, sandbox_id=sandbox_id, rp=rp, client=client, cgroup=None, teardown=teardown

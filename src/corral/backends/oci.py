@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 AGENT_DIR = "/.corral/agent"
 PYTHON_DIR = "/.corral/python"
 RUN_DIR = "/.corral/run"
+PROXY_DIR = "/.corral/net"  # the network proxy's private directory (mode 'allow'), holding its socket
+PROXY_PORT = 3128  # where the agent's forwarder to it listens, on the sandbox's own loopback
 AGENT_SOCKET = RUN_DIR + "/agent.sock"
 # The /etc files corral always provides, over an image's own /etc too: they say who the sandbox
 # user is and what the sandbox may resolve, and a container engine would otherwise write its own.
@@ -125,6 +127,7 @@ def container_mounts(
     agent_dir: str,
     run_dir: str | None = None,
     python_prefix: str | None = None,
+    proxy_socket: str | None = None,
     uid: int,
     gid: int,
 ) -> tuple[MountSpec, ...]:
@@ -134,7 +137,9 @@ def container_mounts(
     taken from an image. `etc`: "dir" mounts `etc_dir` at /etc (and its engine-managed files one by
     one, so the engine leaves them alone); "files" mounts only the identity files from `etc_dir` over
     an image's /etc; "rootfs" means the files are already in the root (an OCI bundle's own rootfs).
-    `run_dir` is the host directory holding the agent's socket (None when the socket is inherited).
+    `run_dir` is the host directory holding the agent's socket (None when the socket is inherited);
+    `proxy_socket` the host's network proxy socket (network mode 'allow'): its private directory is
+    shown at PROXY_DIR (runsc cannot mount a socket by itself).
     """
     mounts: list[MountSpec] = []
     if host_system:
@@ -161,6 +166,8 @@ def container_mounts(
         mounts.append(MountSpec(kind="bind", source=python_prefix, dest=PYTHON_DIR, readonly=True))
     if run_dir is not None:
         mounts.append(MountSpec(kind="bind", source=run_dir, dest=RUN_DIR, readonly=True))
+    if proxy_socket is not None:
+        mounts.append(MountSpec(kind="bind", source=posixpath.dirname(proxy_socket), dest=PROXY_DIR, readonly=True))
     for zone in rp.zones:
         if zone.mode == "tmpfs":
             mounts.append(
