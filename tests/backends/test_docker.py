@@ -229,7 +229,7 @@ def test_doctor_lists_docker(docker_host: DockerDaemon) -> None:
     docker = next(b for b in report["backends"] if b["name"] == "docker")
     assert docker["available"] is True, docker
     assert any("docker 20" in n or "docker " in n for n in docker["notes"])
-    assert "limits.memory" in docker["enforces"] and "net.allow" not in docker["enforces"]
+    assert "limits.memory" in docker["enforces"] and "net.allow" in docker["enforces"]
 
 
 def _probe_with(env: dict[str, str], *, user: int | None = None) -> dict[str, object]:

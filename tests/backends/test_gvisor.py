@@ -49,7 +49,7 @@ def test_walls_inside(gvisor: Capabilities, workdir: Path) -> None:
 
 def test_platform_is_reported(gvisor: Capabilities) -> None:
     assert any("platform" in note for note in gvisor.notes), gvisor.notes
-    assert "limits.pids" in gvisor.enforces and "net.allow" not in gvisor.enforces
+    assert "limits.pids" in gvisor.enforces and "net.allow" in gvisor.enforces
 
 
 def test_cli_run(gvisor: Capabilities, workdir: Path) -> None:
