@@ -32,12 +32,15 @@ _DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGQUI
 
 
 class Exec:
-    __slots__ = ("id", "pid", "started", "status_fd")
+    __slots__ = ("id", "output_fds", "pid", "started", "status_fd")
 
-    def __init__(self, exec_id: int, pid: int, status_fd: int) -> None:
+    def __init__(self, exec_id: int, pid: int, status_fd: int, output_fds: tuple) -> None:  # type: ignore[type-arg]
         self.id = exec_id
         self.pid = pid
         self.status_fd = status_fd
+        # Our copies of the command's stdout and stderr, closed only after the status is written:
+        # the host then sees the end of all three at once (one wake-up instead of three).
+        self.output_fds = output_fds
         self.started = time.monotonic()
 
 
@@ -120,26 +123,28 @@ class Agent:
     def op_exec(self, message: dict, fds: list) -> None:  # type: ignore[type-arg]
         status_fd, stdout_fd, stderr_fd = fds[0], fds[1], fds[2]
         stdin_fd = fds[3] if len(fds) > 3 else None
+        started = False
         try:
-            self._start(message, status_fd, stdin_fd, stdout_fd, stderr_fd)
+            started = self._start(message, status_fd, stdin_fd, stdout_fd, stderr_fd)
         finally:
-            for fd in (stdin_fd, stdout_fd, stderr_fd):
+            for fd in (stdin_fd,) if started else (stdin_fd, stdout_fd, stderr_fd):
                 if fd is not None:
                     os.close(fd)
 
-    def _start(self, message: dict, status_fd: int, stdin_fd, stdout_fd: int, stderr_fd: int) -> None:  # type: ignore[type-arg,no-untyped-def]
+    def _start(self, message: dict, status_fd: int, stdin_fd, stdout_fd: int, stderr_fd: int) -> bool:  # type: ignore[type-arg,no-untyped-def]
+        """Start the command; False (and the reason on the status pipe) when it could not start."""
         argv = [str(a) for a in message["argv"]]
         env = {str(k): str(v) for k, v in message.get("env", {}).items()}
         cwd = message.get("cwd") or "/"
         path = _find_program(argv[0], env.get("PATH", ""), cwd)
         if isinstance(path, int):
             self._fail(status_fd, path, argv[0])
-            return
+            return False
         try:
             os.chdir(cwd)
         except OSError as exc:
             self._fail(status_fd, exc.errno or errno.ENOENT, cwd, what="working directory")
-            return
+            return False
         actions = [
             (os.POSIX_SPAWN_DUP2, stdin_fd if stdin_fd is not None else self.null_fd, 0),
             (os.POSIX_SPAWN_DUP2, stdout_fd, 1),
@@ -151,12 +156,13 @@ class Agent:
             )
         except OSError as exc:
             self._fail(status_fd, exc.errno or errno.EIO, argv[0])
-            return
+            return False
         finally:
             os.chdir("/")
-        running = Exec(int(message["id"]), pid, status_fd)
+        running = Exec(int(message["id"]), pid, status_fd, (stdout_fd, stderr_fd))
         self.running[pid] = running
         self.by_id[running.id] = running
+        return True
 
     def _fail(self, status_fd: int, err: int, subject: str, what: str = "command") -> None:
         protocol.write_status(status_fd, {"error": os.strerror(err), "errno": err, "subject": subject, "what": what})
@@ -251,6 +257,8 @@ class Agent:
             except OSError:
                 pass
             os.close(running.status_fd)
+            for fd in running.output_fds:
+                os.close(fd)
 
     def _clean_up_after(self, sid: int) -> None:
         """Kill what the finished command left behind: its session, and any orphan when we are idle.
