@@ -47,7 +47,11 @@ def mcp_command(args: list[str]) -> int:
         check_bind(bind[0], allow_remote="--allow-remote" in switches, token=token)
     policy, backend, min_backend, audit = build_policy(opts, workspace=project)
 
-    from corral.mcp.server import CorralMCP
+    try:
+        from corral.mcp.server import CorralMCP
+    except ImportError as exc:
+        raise ConfigError(f"the MCP server needs the mcp package ({exc}): pip install 'corral[mcp]'",
+                          where="corral mcp") from None  # fmt: skip
     from corral.session import Session
 
     holder: list[CorralMCP] = []
