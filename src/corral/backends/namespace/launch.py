@@ -238,17 +238,14 @@ def launch(
             bwrap.path, rp, command, fds=fds, extras=extras, tmpfs_size=bwrap.supports_size, as_pid_1=as_pid_1
         )
         limits = rp.limits
-        if callable(cgroups) and (limits.memory or limits.cpus or limits.pids):
-            cgroups = cgroups()  # detected only when a limit may need it
-        if callable(cgroups):
-            from corral.kernel.cgroups import CgroupHost
-
-            cgroups = CgroupHost("none", {}, "no limit needs a cgroup")
-        if limits.cpus is not None and "cpu" not in cgroups.controllers:
-            raise UnsupportedPolicy("namespace", ("limits.cpus (no cpu cgroup controller here)",))
-        pids_cgroup = want_pids_cgroup or not nproc_is_per_sandbox()
-        if cgroups.mode != "none" and (limits.memory or limits.cpus or (limits.pids and pids_cgroup)):
-            cgroup = cgroups.create(limits)
+        host: CgroupHost | None = None
+        if limits.memory or limits.cpus or limits.pids:
+            host = cgroups() if callable(cgroups) else cgroups  # detected only when a limit may need it
+            if limits.cpus is not None and "cpu" not in host.controllers:
+                raise UnsupportedPolicy("namespace", ("limits.cpus (no cpu cgroup controller here)",))
+            pids_cgroup = want_pids_cgroup or not nproc_is_per_sandbox()
+            if host.mode != "none" and (limits.memory or limits.cpus or (limits.pids and pids_cgroup)):
+                cgroup = host.create(limits)
         passed = [seccomp_fd, status_w, block_r, *(fd for _, fd in etc), *pass_fds]
         try:
             monitor = Child(spawn(argv, env=rp.env_dict, stdio=stdio, pass_fds=passed))
@@ -260,7 +257,8 @@ def launch(
         sandbox_pid = _read_child_pid(status_r, monitor)
         if cgroup is not None:
             cgroup.attach(sandbox_pid)
-        rlimits = rlimits_for(rp, cgroups.controllers if cgroup is not None else frozenset(), own_userns=True)
+        controllers = host.controllers if cgroup is not None and host is not None else frozenset()
+        rlimits = rlimits_for(rp, controllers, own_userns=True)
         apply_rlimits(sandbox_pid, rlimits)
         os.write(block_w, b"1")
         os.close(block_w)
