@@ -684,3 +684,117 @@ def denied_command_audited(ctx: AttackContext) -> None:
         any(e.get("event") == "decision" and e.get("action") == "deny" for e in events), "no denial in the audit log"
     )
     os.unlink(log)
+
+
+# ------------------------------------------------------------------ network: the allowlist proxy
+class _Origin:
+    """A tiny HTTP server on the host's loopback that records whether anyone reached it."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self.hits = 0
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = int(self.sock.getsockname()[1])
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.hits += 1
+            try:
+                conn.recv(4096)
+                conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 17\r\n\r\nTOP-SECRET-CANARY")
+            except OSError:
+                pass
+            conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _through_proxy(ctx: AttackContext, allowed: _Origin, urls: list[str]) -> Result:
+    from corral.policy.model import Network
+
+    rp = ctx.policy().replace(network=Network(mode="allow", allow=[f"127.0.0.1:{allowed.port}"]))
+    code = (
+        "import urllib.request\n"
+        f"for url in {urls!r}:\n"
+        "    try:\n"
+        "        body = urllib.request.urlopen(url, timeout=5).read()\n"
+        "        print('REACHED', url, body)\n"
+        "    except Exception as exc:\n"
+        "        print('refused', url, type(exc).__name__)\n"
+    )
+    if shutil.which("python3", path="/usr/bin:/bin") is None:
+        raise NotApplicable("no python3 in the system view")
+    return ctx.backend.run(rp, ["python3", "-c", code], sandbox_id="selftest", timeout=60)
+
+
+@attack("network", "proxy: a host and port not on the allowlist", requires=["net.allow"])
+def proxy_not_allowed(ctx: AttackContext) -> None:
+    allowed, other = _Origin(), _Origin()
+    try:
+        r = _through_proxy(ctx, allowed, [f"http://127.0.0.1:{allowed.port}/", f"http://127.0.0.1:{other.port}/",
+                                          f"http://localhost:{other.port}/"])  # fmt: skip
+    finally:
+        allowed.close()
+        other.close()
+    expect(allowed.hits >= 1, f"the allowed origin was not reachable: {r.stdout_text} {r.stderr_text}")
+    expect(other.hits == 0, "a port not on the allowlist was reached")
+
+
+@attack("network", "proxy: numeric spellings and mapped addresses (SSRF tricks)", requires=["net.allow"])
+def proxy_numeric_tricks(ctx: AttackContext) -> None:
+    allowed, other = _Origin(), _Origin()
+    p = other.port
+    try:
+        hosts = ("2130706433", "0x7f.1", "0177.0.0.1", "127.1", "[::ffff:127.0.0.1]", "[::1]")
+        _through_proxy(ctx, allowed, [f"http://{host}:{p}/" for host in hosts])
+    finally:
+        allowed.close()
+        other.close()
+    expect(other.hits == 0, "a numeric or mapped spelling of a loopback address got through")
+
+
+@attack("network", "proxy: the cloud metadata service", requires=["net.allow"])
+def proxy_metadata(ctx: AttackContext) -> None:
+    allowed = _Origin()
+    try:
+        r = _through_proxy(ctx, allowed, ["http://169.254.169.254/latest/meta-data/", "http://metadata.google.internal/",
+                                          "http://[fd00:ec2::254]/"])  # fmt: skip
+    finally:
+        allowed.close()
+    expect(b"REACHED" not in r.stdout, f"reached a metadata address: {r.stdout_text}")
+
+
+@attack("network", "proxy: going around it (direct connection, NO_PROXY)", requires=["net.allow"])
+def proxy_bypass_direct(ctx: AttackContext) -> None:
+    from corral.policy.model import Network
+
+    allowed = _Origin()
+    try:
+        rp = ctx.policy().replace(network=Network(mode="allow", allow=[f"127.0.0.1:{allowed.port}"]))
+        code = (
+            "import socket, os\n"
+            f"for host in ('127.0.0.1', '::1'):\n"
+            "    try:\n"
+            f"        socket.create_connection((host, {allowed.port}), timeout=3)\n"
+            "        print('DIRECT', host)\n"
+            "    except OSError:\n"
+            "        pass\n"
+            "print('NO_PROXY=' + repr(os.environ.get('NO_PROXY')))\n"
+        )
+        before = allowed.hits
+        r = ctx.backend.run(rp, ["python3", "-c", code], sandbox_id="selftest", timeout=60)
+    finally:
+        allowed.close()
+    expect(b"DIRECT" not in r.stdout and allowed.hits == before, "connected to the host without the proxy")
+    expect(b"127.0.0.1" not in r.stdout.split(b"NO_PROXY=")[-1], "NO_PROXY lets loopback bypass the proxy")
