@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -250,6 +251,8 @@ def measure(opts: argparse.Namespace, o: int, proxy_port: int, fwd: int) -> int:
             print(f"  {name:<50} skipped: {exc}")
             continue
         print(f"  {name:<50} {statistics.median(samples) * 1000:7.1f} ms")
+    os.chdir("/")
+    shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
