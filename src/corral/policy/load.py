@@ -38,7 +38,10 @@ from corral.units import parse_duration, parse_size
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
+    from typing import TypeVar
+
+    T = TypeVar("T")
 
 CONFIG_NAMES = ("corral.toml", "pyproject.toml")
 _TOP_KEYS = {
@@ -212,61 +215,50 @@ def _zone(raw: object, base_dir: str, where: str) -> Zone:
         raise ConfigError(str(exc), where=where) from None
 
 
-def _network(raw: object, where: str) -> Network:
-    _check_keys(raw, _NETWORK_KEYS, where)
+def _table(raw: object, keys: Mapping[str, str], where: str) -> dict[str, object]:
+    """A TOML table whose keys are all known (a ConfigError naming the stray key otherwise)."""
+    _check_keys(raw, keys, where)
     assert isinstance(raw, dict)
+    return dict(raw)
+
+
+def _build(make: Callable[..., T], where: str, fields: Mapping[str, object]) -> T:
+    """`make(**fields)`, with any ConfigError it raises placed at `where` in the file."""
     try:
-        return Network(**raw)
+        return make(**fields)
     except ConfigError as exc:
         raise ConfigError(str(exc), where=where) from None
+
+
+def _network(raw: object, where: str) -> Network:
+    return _build(Network, where, _table(raw, _NETWORK_KEYS, where))
 
 
 def _commands(raw: object, where: str) -> Commands:
-    _check_keys(raw, _COMMANDS_KEYS, where)
-    assert isinstance(raw, dict)
-    fields = dict(raw)
+    fields = _table(raw, _COMMANDS_KEYS, where)
     if "ask_timeout" in fields:
         fields["ask_timeout"] = parse_duration(fields["ask_timeout"], where=f"{where}.ask_timeout")
-    try:
-        return Commands(**fields)
-    except ConfigError as exc:
-        raise ConfigError(str(exc), where=where) from None
+    return _build(Commands, where, fields)
 
 
 def _limits(raw: object, where: str) -> Limits:
-    _check_keys(raw, _LIMIT_KEYS, where)
-    assert isinstance(raw, dict)
-    fields: dict[str, object] = {}
-    for key, value in raw.items():
+    fields = _table(raw, _LIMIT_KEYS, where)
+    for key, value in fields.items():
         at = f"{where}.{key}"
         if key in ("memory", "output", "file_size"):
             fields[key] = parse_size(value, where=at)
         elif key == "timeout":
             fields[key] = parse_duration(value, where=at)
-        else:
-            fields[key] = value
-    try:
-        return Limits(**fields)  # type: ignore[arg-type]
-    except ConfigError as exc:
-        raise ConfigError(str(exc), where=where) from None
+    return _build(Limits, where, fields)
 
 
 def _container(raw: object, where: str) -> Container:
-    _check_keys(raw, _CONTAINER_KEYS, where)
-    assert isinstance(raw, dict)
-    try:
-        return Container(**raw)
-    except ConfigError as exc:
-        raise ConfigError(str(exc), where=where) from None
+    return _build(Container, where, _table(raw, _CONTAINER_KEYS, where))
 
 
 def _env(raw: object, where: str) -> Env:
-    _check_keys(raw, _ENV_KEYS, where)
-    assert isinstance(raw, dict)
-    values = raw.get("set", {})
+    fields = _table(raw, _ENV_KEYS, where)
+    values = fields.get("set", {})
     if not isinstance(values, dict):
         raise ConfigError(f"expected a table of NAME = value, got {values!r}", where=f"{where}.set")
-    try:
-        return Env(passthrough=raw.get("pass", ()), values=values)
-    except ConfigError as exc:
-        raise ConfigError(str(exc), where=where) from None
+    return _build(Env, where, {"passthrough": fields.get("pass", ()), "values": values})
