@@ -28,6 +28,33 @@ class Pumped:
     def get(self, name: str) -> bytes:
         return bytes(self.data.get(name, b""))
 
+    def take(
+        self,
+        name: str,
+        chunk: bytes,
+        *,
+        output_limit: int | None,
+        capture: int,
+        on_output: Callable[[str, bytes], None] | None,
+    ) -> bool:
+        """Count, keep (up to `capture` per stream) and pass on a chunk of output. True when this
+        chunk crosses `output_limit` for the first time: the caller then kills the command."""
+        before = self.total
+        self.total += len(chunk)
+        # Past the output limit nothing is kept or passed on: the limit is what the caller sees.
+        visible = chunk if output_limit is None else chunk[: max(0, output_limit - before)]
+        room = capture - len(self.data[name])
+        if room > 0:
+            self.data[name] += visible[:room]
+        if len(chunk) > min(room, len(visible)) or len(visible) < len(chunk):
+            self.truncated[name] = True
+        if on_output is not None and visible:
+            on_output(name, visible)
+        if output_limit is not None and self.total > output_limit and not self.output_exceeded:
+            self.output_exceeded = True
+            return True
+        return False
+
 
 def pump(
     fds: dict[str, int],
@@ -91,19 +118,7 @@ def pump(
                 if name not in counted:
                     out.data[name] += chunk
                     continue
-                before = out.total
-                out.total += len(chunk)
-                # Past the output limit nothing is kept or passed on: the limit is what the caller sees.
-                visible = chunk if output_limit is None else chunk[: max(0, output_limit - before)]
-                room = capture - len(out.data[name])
-                if room > 0:
-                    out.data[name] += visible[:room]
-                if len(chunk) > min(room, len(visible)) or len(visible) < len(chunk):
-                    out.truncated[name] = True
-                if on_output is not None and visible:
-                    on_output(name, visible)
-                if output_limit is not None and out.total > output_limit and not out.output_exceeded:
-                    out.output_exceeded = True
+                if out.take(name, chunk, output_limit=output_limit, capture=capture, on_output=on_output):
                     stop()
     finally:
         for fd in names:

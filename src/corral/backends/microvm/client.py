@@ -170,18 +170,7 @@ class StreamClient:
                 if output is not None:
                     stream.write_all(output[0] if name == "stdout" else output[1], payload)
                     continue
-                before = out.total
-                out.total += len(payload)
-                visible = payload if output_limit is None else payload[: max(0, output_limit - before)]
-                room = capture - len(out.data[name])
-                if room > 0:
-                    out.data[name] += visible[:room]
-                if len(payload) > min(room, len(visible)) or len(visible) < len(payload):
-                    out.truncated[name] = True
-                if on_output is not None and visible:
-                    on_output(name, visible)
-                if output_limit is not None and out.total > output_limit and not out.output_exceeded:
-                    out.output_exceeded = True
+                if out.take(name, payload, output_limit=output_limit, capture=capture, on_output=on_output):
                     kill()
 
     def _forward(self, ident: int, fd: int) -> bool:
