@@ -39,6 +39,7 @@ def test_suite_as_unprivileged_user() -> None:
         "-p",
         "no:cacheprovider",
         "tests/escape",
+        "tests/agent/test_main.py",
         "tests/cli/test_run.py",
         "tests/test_api.py",
         "tests/backends/test_conformance.py",

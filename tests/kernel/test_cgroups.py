@@ -82,3 +82,40 @@ def test_v2_code_path_on_the_unified_hierarchy() -> None:
     finally:
         cg.destroy()
     assert not os.path.exists(cg.dirs["v2"])
+
+
+def test_a_sandbox_cgroup_uses_only_the_hierarchies_its_limits_need() -> None:
+    if HOST.mode != "v1" or not {"pids", "cpu"} <= set(HOST.bases):
+        pytest.skip("needs cgroup v1 with the pids and cpu hierarchies")
+    cg = HOST.create(Limits(pids=50))
+    try:
+        assert "pids" in cg.dirs and "cpu" not in cg.dirs
+        if "memory" in HOST.bases:
+            assert "memory" in cg.dirs  # it measures peak memory even without a memory limit
+        if "unified" in HOST.bases:
+            assert "freezer" not in cg.dirs  # cgroup.kill does the freezer's job
+    finally:
+        cg.destroy()
+    cg = HOST.create(Limits(pids=50, cpus=0.5))
+    try:
+        assert {"pids", "cpu"} <= set(cg.dirs)
+    finally:
+        cg.destroy()
+
+
+def test_attach_prefetch_leaves_this_process_where_it_was() -> None:
+    from corral.kernel import cgroups
+
+    with open("/proc/self/cgroup") as f:
+        before = f.read()
+    cgroups._prefetch_started = 0.0
+    cgroups.start_attach_prefetch()
+    if os.geteuid() == 0:
+        assert cgroups._prefetch_started > 0, "as root the prefetch should have started"
+    time.sleep(0.1)  # the background write ends after one RCU grace period
+    with open("/proc/self/cgroup") as f:
+        assert f.read() == before
+    # A second call within a second starts nothing new.
+    started = cgroups._prefetch_started
+    cgroups.start_attach_prefetch()
+    assert cgroups._prefetch_started == started

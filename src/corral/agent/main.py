@@ -28,15 +28,26 @@ else:  # run as a script inside the sandbox: its siblings are on sys.path
     import confine  # type: ignore[import-not-found,no-redef]
     import protocol  # type: ignore[import-not-found,no-redef]
 
-_DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP)
+# Caught rather than ignored: an ignored signal stays ignored across exec, so commands would need
+# posix_spawn's per-signal reset (~15 us a command); a caught one reverts to its default by itself.
+# SIGPIPE and SIGXFSZ come in ignored by Python; caught, our writes still just fail with EPIPE/EFBIG.
+_CAUGHT_SIGNALS = (
+    signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP,
+    signal.SIGUSR1, signal.SIGUSR2,
+)  # fmt: skip
+
+
+def _ignore(signum: int, frame: object) -> None:
+    """As the pid namespace's init we must not die of a signal a command sends us."""
 
 
 class Exec:
-    __slots__ = ("id", "output_fds", "pid", "started", "status_fd")
+    __slots__ = ("id", "output_fds", "pid", "pidfd", "started", "status_fd")
 
-    def __init__(self, exec_id: int, pid: int, status_fd: int, output_fds: tuple) -> None:  # type: ignore[type-arg]
+    def __init__(self, exec_id: int, pid: int, status_fd: int, output_fds: tuple, pidfd: int) -> None:  # type: ignore[type-arg]
         self.id = exec_id
         self.pid = pid
+        self.pidfd = pidfd  # -1 when reaping runs on SIGCHLD
         self.status_fd = status_fd
         # Our copies of the command's stdout and stderr, closed only after the status is written:
         # the host then sees the end of all three at once (one wake-up instead of three).
@@ -45,12 +56,16 @@ class Exec:
 
 
 class Agent:
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, *, pidfds: bool = True) -> None:
         self.sock = sock
         self.running: dict[int, Exec] = {}  # pid -> exec
         self.by_id: dict[int, Exec] = {}
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.null_fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        self.poller = select.poll()
+        # A command's end wakes us through its pidfd: no signal to deliver, no wake-up pipe to drain.
+        # Without pidfds (Python < 3.9, Linux < 5.3, some gVisor versions) SIGCHLD does it.
+        self.use_pidfd = pidfds and _pidfds_work()
 
     # ---------------------------------------------------------------- set-up
     def hello(self, message: dict, seccomp_program: bytes) -> None:  # type: ignore[type-arg]
@@ -88,21 +103,23 @@ class Agent:
 
     # ---------------------------------------------------------------- requests
     def serve(self) -> None:
-        # As the pid namespace's init we must not die of a signal a command sends us.
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
-            signal.signal(sig, signal.SIG_IGN)
-        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
-        signal.signal(signal.SIGCHLD, lambda *_: None)
-        poller = select.poll()
+        for sig in _CAUGHT_SIGNALS:
+            signal.signal(sig, _ignore)
+        poller = self.poller
         poller.register(self.sock.fileno(), select.POLLIN)
-        poller.register(self.wake_r, select.POLLIN)
+        if not self.use_pidfd:
+            signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+            signal.signal(signal.SIGCHLD, lambda *_: None)
+            poller.register(self.wake_r, select.POLLIN)
+        sock_fd = self.sock.fileno()
         while True:
             for fd, _ in poller.poll():
-                if fd == self.wake_r:
-                    try:
-                        os.read(self.wake_r, 4096)
-                    except BlockingIOError:
-                        pass
+                if fd != sock_fd:
+                    if fd == self.wake_r:
+                        try:
+                            os.read(self.wake_r, 4096)
+                        except BlockingIOError:
+                            pass
                     self.reap()
                     continue
                 message, fds = protocol.recv(self.sock)
@@ -151,15 +168,17 @@ class Agent:
             (os.POSIX_SPAWN_DUP2, stderr_fd, 2),
         ]
         try:
-            pid = os.posix_spawn(
-                path, argv, env, file_actions=actions, setsid=True, setsigdef=_DEFAULT_SIGNALS, setsigmask=()
-            )
+            pid = os.posix_spawn(path, argv, env, file_actions=actions, setsid=True, setsigmask=())
         except OSError as exc:
             self._fail(status_fd, exc.errno or errno.EIO, argv[0])
             return False
         finally:
             os.chdir("/")
-        running = Exec(int(message["id"]), pid, status_fd, (stdout_fd, stderr_fd))
+        pidfd = -1
+        if self.use_pidfd:
+            pidfd = os.pidfd_open(pid)
+            self.poller.register(pidfd, select.POLLIN)
+        running = Exec(int(message["id"]), pid, status_fd, (stdout_fd, stderr_fd), pidfd)
         self.running[pid] = running
         self.by_id[running.id] = running
         return True
@@ -240,20 +259,31 @@ class Agent:
 
     # ---------------------------------------------------------------- children
     def reap(self) -> None:
+        """Collect every child that ended; report the commands among them once their leftovers are gone."""
+        finished = []
+        children_left = True
         while True:
             try:
                 pid, status, usage = os.wait4(-1, os.WNOHANG)
             except ChildProcessError:
-                return
+                children_left = False
+                break
             if pid == 0:
-                return
+                break
             running = self.running.pop(pid, None)
             if running is None:
                 continue  # an orphan that came back to us
             self.by_id.pop(running.id, None)
-            self._clean_up_after(pid)
+            if running.pidfd >= 0:
+                self.poller.unregister(running.pidfd)
+                os.close(running.pidfd)
+            finished.append((running, status, usage.ru_maxrss * 1024))
+        for running, status, maxrss in finished:
+            # No child left at all (the usual case) means the command left nothing behind.
+            if children_left:
+                self._clean_up_after(running.pid)
             try:
-                protocol.write_status(running.status_fd, {"status": status, "maxrss": usage.ru_maxrss * 1024})
+                protocol.write_status(running.status_fd, {"status": status, "maxrss": maxrss})
             except OSError:
                 pass
             os.close(running.status_fd)
@@ -264,7 +294,8 @@ class Agent:
         """Kill what the finished command left behind: its session, and any orphan when we are idle.
 
         Whatever a command leaves behind is reparented to us (we are a subreaper), so it is
-        enough to look at our own children before scanning /proc.
+        enough to look at our own children before scanning /proc. The killed are reaped here:
+        with pidfds no SIGCHLD comes to reap them later.
         """
         mains = set(self.running)
         if not (_own_children() - mains):
@@ -272,6 +303,7 @@ class Agent:
         _kill_session(sid)
         if not self.running:
             _kill_descendants(os.getpid())
+        _reap_orphans(mains)
 
     def shutdown(self) -> None:
         for running in list(self.running.values()):
@@ -279,13 +311,32 @@ class Agent:
         _kill_descendants(os.getpid())
 
 
+def _pidfds_work() -> bool:
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except (AttributeError, OSError):
+        return False
+    return True
+
+
+def _reap_orphans(keep: set) -> None:  # type: ignore[type-arg]
+    """Reap the ended children that are not running commands (a command's status is reap()'s to take)."""
+    for pid in _own_children() - keep:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+
+
 def _find_program(name: str, path_var: str, cwd: str):  # type: ignore[no-untyped-def]
     """The path to execute, or an errno (ENOENT, EACCES) when there is none."""
     if "/" in name:
         candidate = name if name.startswith("/") else os.path.join(cwd, name)
-        if not os.path.exists(candidate):
+        try:
+            mode = os.stat(candidate).st_mode
+        except OSError:
             return errno.ENOENT
-        if os.path.isdir(candidate) or not os.access(candidate, os.X_OK):
+        if mode & 0o170000 == 0o040000 or not os.access(candidate, os.X_OK):  # a directory, or not executable
             return errno.EACCES
         return candidate
     denied = False
@@ -375,7 +426,8 @@ def main() -> int:
         fd = int(os.environ.pop("CORRAL_AGENT_FD", "3"))
         os.set_inheritable(fd, False)
         sock = socket.socket(fileno=fd)
-    agent = Agent(sock)
+    # CORRAL_AGENT_REAP=signal: reap on SIGCHLD even where pidfds work (the tests cover both ways).
+    agent = Agent(sock, pidfds=os.environ.pop("CORRAL_AGENT_REAP", "") != "signal")
     message, fds = protocol.recv(sock)
     if message is None or message.get("op") != "hello":
         return 2

@@ -25,15 +25,14 @@ class ProtocolError(Exception):
 
 def send(sock: socket.socket, message: dict, fds: list = ()) -> None:  # type: ignore[type-arg,assignment]
     body = json.dumps(message, separators=(",", ":")).encode()
-    header = _HEADER.pack(len(body))
+    data = _HEADER.pack(len(body)) + body
     if fds:
         ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-        sent = sock.sendmsg([header + body], ancillary)
+        sent = sock.sendmsg([data], ancillary)
     else:
-        sent = sock.send(header + body)
-    rest = (header + body)[sent:]
-    if rest:
-        sock.sendall(rest)
+        sent = sock.send(data)
+    if sent < len(data):
+        sock.sendall(data[sent:])
 
 
 def recv(sock: socket.socket) -> tuple[dict | None, list]:  # type: ignore[type-arg]

@@ -107,6 +107,8 @@ class AgentSandbox(LiveSandbox):
         return self._translate(posixpath.normpath(posixpath.join(self.rp.cwd, path)))
 
     def _translate(self, path: str) -> str:
+        if not self._path_map:
+            return path
         from corral.backends.hostagent import translate
 
         return translate(self._path_map, path)

@@ -62,15 +62,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         code = 130
     if argv is None:
-        if "corral.backends.wasm.run" in sys.modules:
-            # wasmtime's I/O threads can panic while the process runs its exit handlers: leave at once.
-            sys.stdout.flush()
-            sys.stderr.flush()
-            import os
-
-            os._exit(code)
+        # Leave at once after `run`: everything it opened is closed and waited for, so the
+        # interpreter's clean-up (2-4 ms of a 30 ms budget) has nothing to do; and wasmtime's I/O
+        # threads can panic while the process runs its exit handlers.
+        if (args and args[0] == "run") or "corral.backends.wasm.run" in sys.modules:
+            _exit_now(code)
         sys.exit(code)
     return code
+
+
+def _exit_now(code: int) -> None:
+    import os
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def _dispatch(args: list[str]) -> int:
@@ -327,6 +336,7 @@ def run_command(args: list[str]) -> int:
     if not command:
         _error("no command given (corral run [FLAGS] -- CMD ARGS...)")
         return EXIT_USAGE
+    _prefetch_cgroup_attach()
     from corral.backends import registry
     from corral.backends.base import check_supported
     from corral.policy.resolve import resolve
@@ -360,6 +370,17 @@ def run_command(args: list[str]) -> int:
         if audit is not None:
             audit.close()
     return _report(result, backend.name, sandbox_id, as_json=bool(opts.get("--json")))
+
+
+def _prefetch_cgroup_attach() -> None:
+    """As root, limits go through cgroups: start the attach's kernel wait now, while the rest of
+    corral loads (see `start_attach_prefetch`). Harmless when the policy turns out to need none."""
+    import os
+
+    if os.geteuid() == 0:
+        from corral.kernel.cgroups import start_attach_prefetch
+
+        start_attach_prefetch()
 
 
 def _forward(stream: str, chunk: bytes) -> None:

@@ -125,6 +125,8 @@ class CgroupHost:
         dirs: dict[str, str] = {}
         try:
             for hierarchy, base in self.bases.items():
+                if limits is not None and not _needed(hierarchy, limits, self.bases):
+                    continue  # each hierarchy costs a mkdir, an attach and an rmdir per sandbox
                 path = os.path.join(base, name)
                 os.mkdir(path)
                 dirs[hierarchy] = path
@@ -357,17 +359,66 @@ class Cgroup:
             return
         self.kill()
         for d in self.dirs.values():
-            for _ in range(200):
+            # A killed task leaves its cgroup a moment after it dies: retry quickly, then back off.
+            pause = 0.0002
+            deadline = time.monotonic() + 1.0
+            while True:
                 try:
                     os.rmdir(d)
                     break
                 except FileNotFoundError:
                     break
                 except OSError as exc:
-                    if exc.errno != errno.EBUSY:
+                    if exc.errno != errno.EBUSY or time.monotonic() > deadline:
                         break
                     self.kill()
-                    time.sleep(0.005)
+                    time.sleep(pause)
+                    pause = min(pause * 2, 0.005)
+
+
+def _needed(hierarchy: str, limits: Limits, bases: dict[str, str]) -> bool:
+    """Whether a v1 hierarchy serves `limits`: memory always (it measures peak memory), pids and
+    cpu for their limits, the freezer only to kill when no cgroup2 mount offers `cgroup.kill`."""
+    if hierarchy == "pids":
+        return limits.pids is not None
+    if hierarchy == "cpu":
+        return limits.cpus is not None
+    if hierarchy == "freezer":
+        return "unified" not in bases
+    return True
+
+
+_prefetch_started = 0.0
+
+
+def start_attach_prefetch() -> None:
+    """Start now, in the background, the wait the next cgroup attach would otherwise pay.
+
+    Moving a process into a cgroup takes a kernel-wide lock whose first writer waits for an RCU
+    grace period (6-20 ms on the development VM); writers that follow within about a grace period
+    pass at once (0.1 ms). Writing our own pid into the cgroup we are already in moves nothing
+    but starts that wait, in a thread, while corral is still building the sandbox. Best effort:
+    a failure only loses the head start. Hosts with cgroup2's `favordynmods` never wait.
+    """
+    global _prefetch_started
+    now = time.monotonic()
+    if now - _prefetch_started < 1.0:
+        return
+    try:
+        mounts, own = _cgroup_mounts(), _own_cgroups()
+    except OSError:
+        return
+    for hierarchy, key in (("pids", "pids"), ("memory", "memory"), ("unified", "")):
+        if hierarchy in mounts and key in own:
+            procs = _join(mounts[hierarchy], own[key], "cgroup.procs")
+            if os.access(procs, os.W_OK):
+                break
+    else:
+        return
+    import _thread
+
+    _prefetch_started = now
+    _thread.start_new_thread(_write_if_exists, (procs, str(os.getpid())))
 
 
 def _cgroup_mounts() -> dict[str, str]:

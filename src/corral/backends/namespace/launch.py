@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
     from corral.kernel.cgroups import Cgroup, CgroupHost
+    from corral.policy.model import Limits
     from corral.policy.resolve import ResolvedPolicy
 
 _START_TIMEOUT = 10.0
@@ -131,6 +132,12 @@ def rlimits_for(rp: ResolvedPolicy, cgroup_controllers: frozenset[str], *, own_u
     return out
 
 
+def needs_cgroup(limits: Limits, *, want_pids_cgroup: bool = False) -> bool:
+    """Whether a sandbox with these limits gets a cgroup (else rlimits are enough)."""
+    pids_cgroup = want_pids_cgroup or not nproc_is_per_sandbox()
+    return bool(limits.memory or limits.cpus or (limits.pids and pids_cgroup))
+
+
 def nproc_is_per_sandbox() -> bool:
     """Whether RLIMIT_NPROC is a per-sandbox pids limit for a sandbox with its own user namespace.
 
@@ -221,6 +228,10 @@ def launch(
     """
     opened: list[int] = []
     cgroup: Cgroup | None = None
+    if needs_cgroup(rp.limits, want_pids_cgroup=want_pids_cgroup):
+        from corral.kernel.cgroups import start_attach_prefetch
+
+        start_attach_prefetch()  # the attach's wait then overlaps building and starting the sandbox
     try:
         seccomp_fd = memfd_with("corral-seccomp", build_filter())
         opened.append(seccomp_fd)
@@ -243,8 +254,7 @@ def launch(
             host = cgroups() if callable(cgroups) else cgroups  # detected only when a limit may need it
             if limits.cpus is not None and "cpu" not in host.controllers:
                 raise UnsupportedPolicy("namespace", ("limits.cpus (no cpu cgroup controller here)",))
-            pids_cgroup = want_pids_cgroup or not nproc_is_per_sandbox()
-            if host.mode != "none" and (limits.memory or limits.cpus or (limits.pids and pids_cgroup)):
+            if host.mode != "none" and needs_cgroup(limits, want_pids_cgroup=want_pids_cgroup):
                 cgroup = host.create(limits)
         passed = [seccomp_fd, status_w, block_r, *(fd for _, fd in etc), *pass_fds]
         try:

@@ -1,0 +1,88 @@
+"""The in-sandbox agent of a live namespace sandbox: what a command leaves behind dies with it.
+
+Both ways the agent learns that a command ended are covered: a pidfd per command (the default
+where the kernel and Python have them) and SIGCHLD (`CORRAL_AGENT_REAP=signal`, the fallback).
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+
+import corral
+
+pytestmark = pytest.mark.usefixtures("namespace_ok")
+
+# Every process the sandbox's pid namespace holds, but the agent (pid 1) and the listing shell.
+LIST_PROCESSES = r"""
+for d in /proc/[0-9]*; do
+  pid=${d#/proc/}
+  [ "$pid" = 1 ] || [ "$pid" = $$ ] && continue
+  read -r stat < "$d/stat" 2>/dev/null || continue
+  echo "$stat"
+done
+"""
+
+
+@pytest.fixture(params=["pidfd", "signal"])
+def sandbox(request: pytest.FixtureRequest, workdir: Path) -> corral.Sandbox:
+    policy = corral.Policy.workspace(str(workdir))
+    if request.param == "signal":
+        policy = policy.replace(env=corral.Env(values={"CORRAL_AGENT_REAP": "signal"}))
+    with corral.Sandbox(policy, backend="namespace") as sb:
+        yield sb
+
+
+def _others(sb: corral.Sandbox) -> list[str]:
+    r = sb.exec(["/bin/sh", "-c", LIST_PROCESSES])
+    assert r.ok, r
+    return r.stdout_text.split("\n")[:-1]
+
+
+def test_background_children_die_and_are_reaped(sandbox: corral.Sandbox) -> None:
+    # A plain background child, one in its own session, and one reparented (double fork).
+    r = sandbox.exec(["/bin/sh", "-c", "sleep 100 & setsid sleep 100 & (sleep 100 &) ; echo started"])
+    assert r.ok and r.stdout == b"started\n", r
+    assert _others(sandbox) == [], "a command's leftovers outlived it (or stayed as zombies)"
+
+
+def test_many_commands_leave_no_zombies(sandbox: corral.Sandbox) -> None:
+    for i in range(30):
+        r = sandbox.exec(["/bin/sh", "-c", f"exit {i % 3}"])
+        assert r.returncode == i % 3, r
+    assert _others(sandbox) == []
+
+
+def test_concurrent_commands_each_get_their_own_status(sandbox: corral.Sandbox) -> None:
+    import threading
+
+    results: dict[int, corral.Result] = {}
+
+    def run(i: int) -> None:
+        results[i] = sandbox.exec(["/bin/sh", "-c", f"sleep 0.{i % 4}; echo {i}; exit {i}"])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, r in results.items():
+        assert r.returncode == i and r.stdout == f"{i}\n".encode(), r
+    assert _others(sandbox) == []
+
+
+def test_the_agent_survives_signals_and_commands_get_default_dispositions(sandbox: corral.Sandbox) -> None:
+    # The agent catches these (it is the pid namespace's init); a command must start with the defaults.
+    signal_the_agent = "kill -TERM 1; kill -INT 1; kill -HUP 1; kill -USR1 1"
+    r = sandbox.exec(["/bin/sh", "-c", f"{signal_the_agent}; grep SigIgn /proc/self/status"])
+    assert r.ok, r
+    ignored = int(r.stdout.split()[1], 16)
+    for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGPIPE, signal.SIGTERM, signal.SIGXFSZ,
+                signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD):  # fmt: skip
+        assert not ignored & (1 << (sig - 1)), f"{sig.name} is ignored in a command"
+    # SIGPIPE ends a writer whose reader is gone, as outside.
+    r = sandbox.exec(["/bin/sh", "-c", "(yes; echo $? >&2) | head -c 1 >/dev/null"])
+    assert r.ok and r.stderr.strip() == str(128 + signal.SIGPIPE).encode(), r
+    assert sandbox.exec(["/bin/true"]).ok
