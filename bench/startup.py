@@ -1,6 +1,6 @@
 """Start-up benchmark: medians over N runs, all measured in this one run.
 
-    python bench/startup.py [--runs 30]
+    python bench/startup.py [--runs 30] [--core]
 
 Rows: plain fork+exec of /bin/true (subprocess.run), raw bubblewrap (a typical hand-written
 sandbox), corral's one-shot API, an exec in a live corral sandbox, the `corral run` CLI, and a
@@ -49,6 +49,7 @@ def same_sandbox_bwrap(policy: corral.Policy) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--core", action="store_true", help="only the core rows (no wasm, no containers)")
     opts = parser.parse_args()
     runs = max(30, opts.runs)
     # `pip install` byte-compiles the package; an editable checkout under PYTHONDONTWRITEBYTECODE
@@ -124,8 +125,9 @@ def main() -> int:
         print("      (~5-15 ms on this kernel); as an ordinary user it is a free RLIMIT_NPROC in the sandbox's")
         print("      own user namespace. See docs/performance.md.")
     shutil.rmtree(work, ignore_errors=True)
-    wasm_rows(runs)
-    wasm_rows(runs, "containers.py")
+    if not opts.core:
+        wasm_rows(runs)
+        wasm_rows(runs, "containers.py")
     return 0
 
 
