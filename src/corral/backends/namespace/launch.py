@@ -228,6 +228,8 @@ def launch(
     """
     opened: list[int] = []
     cgroup: Cgroup | None = None
+    monitor: Child | None = None
+    sandbox_pid: int | None = None
     if needs_cgroup(rp.limits, want_pids_cgroup=want_pids_cgroup):
         from corral.kernel.cgroups import start_attach_prefetch
 
@@ -254,8 +256,6 @@ def launch(
             host = cgroups() if callable(cgroups) else cgroups  # detected only when a limit may need it
             if limits.cpus is not None and "cpu" not in host.controllers:
                 raise UnsupportedPolicy("namespace", ("limits.cpus (no cpu cgroup controller here)",))
-            if host.mode != "none" and needs_cgroup(limits, want_pids_cgroup=want_pids_cgroup):
-                cgroup = host.create(limits)
         passed = [seccomp_fd, status_w, block_r, *(fd for _, fd in etc), *pass_fds]
         try:
             monitor = Child(spawn(argv, env=rp.env_dict, stdio=stdio, pass_fds=passed))
@@ -264,6 +264,10 @@ def launch(
         for fd in (seccomp_fd, status_w, block_r, *(fd for _, fd in etc)):
             os.close(fd)
             opened.remove(fd)
+        # The cgroup is made while bubblewrap sets the sandbox up (its command waits on the block
+        # fd until it is inside): making it can wait for the attach prefetch's grace period.
+        if host is not None and host.mode != "none" and needs_cgroup(limits, want_pids_cgroup=want_pids_cgroup):
+            cgroup = host.create(limits)
         sandbox_pid = _read_child_pid(status_r, monitor)
         if cgroup is not None:
             cgroup.attach(sandbox_pid)
@@ -277,11 +281,36 @@ def launch(
         opened.remove(status_r)
         return Launched(monitor, sandbox_pid, cgroup, status_r)
     except BaseException:
+        if monitor is not None:
+            _abandon(monitor, sandbox_pid)
         for fd in opened:
             os.close(fd)
         if cgroup is not None:
             cgroup.destroy()
         raise
+
+
+def _abandon(monitor: Child, sandbox_pid: int | None) -> None:
+    """Kill a sandbox that must not start, before its block fd is closed: at that end of file
+    bubblewrap would go on and run the command without what failed to apply (a cgroup, rlimits)."""
+    victims = set(_children_of(monitor.pid))
+    if sandbox_pid is not None:
+        victims.add(sandbox_pid)
+    for pid in victims:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+    monitor.kill()
+    monitor.wait()
+
+
+def _children_of(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children", "rb") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
 
 
 def _read_child_pid(fd: int, monitor: Child) -> int:

@@ -1,0 +1,49 @@
+"""launch(): a sandbox whose limits cannot be applied never runs its command."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from corral.backends.namespace.launch import find_bwrap, launch
+from corral.kernel.cgroups import Cgroup, CgroupHost
+from corral.policy.model import Limits, Policy
+from corral.policy.resolve import resolve
+
+pytestmark = pytest.mark.usefixtures("namespace_ok")
+
+
+class _AttachFails(Cgroup):
+    def attach(self, pid: int) -> None:
+        raise OSError(28, "No space left on device (as a full cgroup would say)")
+
+
+class _HostWhoseAttachFails(CgroupHost):
+    """The real cgroup host of this machine, except that moving a process in fails."""
+
+    def create(self, limits: Limits | None = None) -> Cgroup:
+        real = super().create(limits)
+        return _AttachFails(real.mode, real.dirs)
+
+
+def test_a_failed_cgroup_attach_kills_the_sandbox_before_it_runs(workdir: Path) -> None:
+    host = CgroupHost.detect()
+    if host.mode == "none":
+        pytest.skip(f"no usable cgroups: {host.reason}")
+    failing = _HostWhoseAttachFails(host.mode, host.bases)
+    marker = workdir / "ran"
+    rp = resolve(Policy.workspace(str(workdir)).with_limits(memory=64 << 20))
+    with pytest.raises(OSError):
+        launch(find_bwrap(), rp, ["/bin/sh", "-c", f"echo escaped > {marker}"], cgroups=failing)
+    time.sleep(0.5)  # had bubblewrap been left behind, its command would have run by now
+    assert not marker.exists(), "the command ran without the cgroup that failed to apply"
+    mine = [
+        name
+        for base in failing.bases.values()
+        for name in os.listdir(base)
+        if name.startswith(f"corral-{os.getpid()}-")
+    ]
+    assert mine == [], "the failed sandbox's cgroup was left behind"
