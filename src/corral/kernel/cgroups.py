@@ -17,6 +17,8 @@ import time
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import _thread
+
     from corral.policy.model import Limits
 
 _V1_CONTROLLERS = ("memory", "pids", "cpu", "freezer")
@@ -388,7 +390,7 @@ def _needed(hierarchy: str, limits: Limits, bases: dict[str, str]) -> bool:
     return True
 
 
-_prefetch_started = 0.0
+_prefetch_in_flight = False
 
 
 def start_attach_prefetch() -> None:
@@ -400,9 +402,8 @@ def start_attach_prefetch() -> None:
     but starts that wait, in a thread, while corral is still building the sandbox. Best effort:
     a failure only loses the head start. Hosts with cgroup2's `favordynmods` never wait.
     """
-    global _prefetch_started
-    now = time.monotonic()
-    if now - _prefetch_started < 1.0:
+    global _prefetch_in_flight
+    if _prefetch_in_flight:
         return
     try:
         mounts, own = _cgroup_mounts(), _own_cgroups()
@@ -415,10 +416,30 @@ def start_attach_prefetch() -> None:
                 break
     else:
         return
+    try:
+        fd = os.open(procs, os.O_WRONLY | os.O_CLOEXEC)
+    except OSError:
+        return
     import _thread
 
-    _prefetch_started = now
-    _thread.start_new_thread(_write_if_exists, (procs, str(os.getpid())))
+    _prefetch_in_flight = True
+    running = _thread.allocate_lock()
+    running.acquire()
+    _thread.start_new_thread(_write_own_pid, (fd, running))
+    # Wait until the thread is in its write: left to the GIL it could wait up to 5 ms to start.
+    running.acquire()
+
+
+def _write_own_pid(fd: int, running: _thread.LockType) -> None:
+    global _prefetch_in_flight
+    running.release()
+    try:
+        os.write(fd, str(os.getpid()).encode())
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+        _prefetch_in_flight = False
 
 
 def _cgroup_mounts() -> dict[str, str]:
