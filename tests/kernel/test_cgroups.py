@@ -118,3 +118,20 @@ def test_attach_prefetch_leaves_this_process_where_it_was() -> None:
     assert not cgroups._prefetch_in_flight
     with open("/proc/self/cgroup") as f:
         assert f.read() == before
+
+
+def test_doctor_names_the_attach_wait_and_its_fix() -> None:
+    from corral.kernel.cgroups import attach_wait_note
+
+    try:
+        with open("/sys/kernel/rcu_expedited") as f:
+            expedited = f.read().strip() != "0"
+    except OSError:
+        pytest.skip("no /sys/kernel/rcu_expedited")
+    with open("/proc/self/mountinfo") as f:
+        favordynmods = any(" - cgroup2 " in line and "favordynmods" in line for line in f)
+    note = attach_wait_note(HOST)
+    if expedited or favordynmods:
+        assert note is None
+    else:
+        assert note is not None and "rcu_expedited" in note and "favordynmods" in note

@@ -390,6 +390,22 @@ def _needed(hierarchy: str, limits: Limits, bases: dict[str, str]) -> bool:
     return True
 
 
+def attach_wait_note(host: CgroupHost) -> str | None:
+    """A doctor note when moving a sandbox into its cgroup waits for a normal RCU grace period."""
+    if host.mode == "none":
+        return None
+    if _read("/sys/kernel/rcu_expedited").strip() not in ("0", ""):
+        return None
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8") as f:
+            if any(" - cgroup2 " in line and "favordynmods" in line for line in f):
+                return None
+    except OSError:
+        pass
+    return ("each cgroup attach waits for an RCU grace period (6-20 ms on some VMs; corral starts it early): "
+            "`echo 1 > /sys/kernel/rcu_expedited`, or cgroup2 mounted with favordynmods, removes the wait")  # fmt: skip
+
+
 _prefetch_in_flight = False
 
 

@@ -100,6 +100,12 @@ class NamespaceBackend(Backend):
             notes.append("memory limit is an RLIMIT_DATA per process (no memory cgroup here)")
         notes.append("Landlock is layered inside live sandboxes where the kernel has it")
         notes.append("network 'allow': loopback only inside; a host proxy (HTTP, CONNECT, SOCKS5) via a unix socket")
+        if os.geteuid() == 0:  # as a user the pids limit needs no cgroup (RLIMIT_NPROC in the sandbox's namespace)
+            from corral.kernel.cgroups import attach_wait_note
+
+            note = attach_wait_note(cgroups)
+            if note:
+                notes.append(note)
         return Capabilities(
             name=self.name, available=True, strength=self.strength, enforces=frozenset(enforces),
             limits_via=cgroups.describe, notes=tuple(notes),
