@@ -45,6 +45,8 @@ def test_qemu_argv_exact_vector() -> None:
         "-chardev", "socket,id=agent,fd=7",
         "-device", "virtio-serial-device",
         "-device", "virtserialport,chardev=agent,name=corral.agent",
+        "-chardev", "null,id=net",
+        "-device", "virtserialport,chardev=net,name=corral.net",
         "-chardev", "socket,id=qmp,fd=8",
         "-mon", "chardev=qmp,mode=control",
         "-fsdev", "local,id=fs0,path=/usr,security_model=none,readonly=on",
@@ -53,8 +55,15 @@ def test_qemu_argv_exact_vector() -> None:
         "-device", "virtio-9p-device,fsdev=fs1,mount_tag=z0",
         "-incoming", "fd:9",
     )  # fmt: skip
-    # No network device, ever (the policy's network 'none' is the VM's shape).
-    assert not any(a in ("-netdev", "-nic", "-net") for a in qemu_argv("q", spec))
+    # No network device, ever. With network 'allow' only what is behind the `corral.net` port changes, not
+    # the VM's devices: a state saved by either restores for both.
+    allow = spec.replace(net_fd=10)
+    none = qemu_argv("q", spec)
+    at = none.index("null,id=net")
+    assert qemu_argv("q", allow) == (*none[:at], "socket,id=net,fd=10", *none[at + 1 :])
+    for s in (spec, allow):
+        assert not any(a in ("-netdev", "-nic", "-net") for a in qemu_argv("q", s))
+    assert allow.state_key() == spec.state_key() and "corral.net" in spec.state_key()
 
 
 def test_kernel_cmdline_gives_the_tsc_under_emulation() -> None:
