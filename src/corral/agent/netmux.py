@@ -197,16 +197,20 @@ class Mux:
             self.port_mask = mask
 
     def _read_port(self) -> None:
-        try:
-            data = os.read(self.port, 1 << 18)
-        except OSError as exc:
-            if exc.errno in _AGAIN:
+        # A virtio-serial port gives at most one small buffer (a page) per read: take what is there, then parse.
+        for _ in range(64):
+            try:
+                data = os.read(self.port, 1 << 18)
+            except OSError as exc:
+                if exc.errno in _AGAIN:
+                    break
+                data = b""
+            if not data:  # the other end is gone
+                self.close()
                 return
-            data = b""
-        if not data:  # the other end is gone
-            self.close()
-            return
-        self.buf += data
+            self.buf += data
+            if len(self.buf) >= 1 << 18:
+                break
         try:
             self._frames()
         except ProtocolError:
