@@ -522,7 +522,11 @@ class GuestAgent:
                     else:
                         self.output(fd)
                 elif self.net is not None and self.net.mux.owns(fd):
-                    self.net.mux.handle(fd, event)
+                    try:
+                        self.net.mux.handle(fd, event)
+                    except Exception as exc:  # the network ends, the agent (the VM's init) goes on
+                        os.write(2, b"corral guest agent: network port failed: %r\n" % exc)
+                        self.net.mux.close()
             self.reap()
 
 
