@@ -27,15 +27,18 @@ import fcntl
 import os
 import select
 import signal
+import socket
 import sys
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+# Imported at boot, before the VM's state is saved, so that restored sandboxes do not pay for it.
 if __package__:
-    from corral.agent import stream
-else:  # run as a script: stream.py sits next to us in the initramfs
+    from corral.agent import netmux, stream
+else:  # run as a script: stream.py and netmux.py sit next to us in the initramfs
+    import netmux  # type: ignore[import-not-found,no-redef]
     import stream  # type: ignore[import-not-found,no-redef]
 
 PORT_NAME = "corral.agent"
@@ -85,22 +88,15 @@ def _setns_call() -> Callable[[int], None]:
 class Network:
     """Network mode 'allow' in the guest: the `corral.net` port and a listener per command."""
 
-    def __init__(self, poller: select.poll, port: int) -> None:
-        if __package__:
-            from corral.agent import netmux
-        else:
-            import netmux  # type: ignore[import-not-found,no-redef]
-
+    def __init__(self, poller: select.poll, port: int, setns: Callable[[int], None]) -> None:
         self.listen_port = port
         self.fd = os.open(find_port(NET_PORT_NAME), os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
-        self.setns = _setns_call()
+        self.setns = setns
         self.own = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         self.mux = netmux.Mux(self.fd, poller)
 
     def listen_in(self, pid: int, tag: int) -> None:
         """Listen on 127.0.0.1:PORT in the network namespace of `pid` (a command's), for the mux."""
-        import socket
-
         target = os.open("/proc/%d/ns/net" % pid, os.O_RDONLY | os.O_CLOEXEC)
         try:
             self.setns(target)
@@ -192,6 +188,12 @@ class GuestAgent:
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.poller = select.poll()
         self.net = None  # type: Network | None
+        self.setns = None  # type: Callable[[int], None] | None
+        self.setns_error = ""
+        try:
+            self.setns = _setns_call()  # at boot (see the imports above); needed by network 'allow' only
+        except (ImportError, OSError, AttributeError) as exc:
+            self.setns_error = "no setns() here: %s" % exc
 
     def send(self, ident: int, body: dict) -> None:  # type: ignore[type-arg]
         stream.write_all(self.port, stream.message(ident, body))
@@ -235,7 +237,9 @@ class GuestAgent:
             _write("/proc/sys/kernel/hostname", str(msg["hostname"]))
         net = msg.get("net")
         if net:
-            self.net = Network(self.poller, int(net["port"]))
+            if self.setns is None:
+                raise OSError(errno.ENOSYS, self.setns_error)
+            self.net = Network(self.poller, int(net["port"]), self.setns)
         self.ready = True
 
     # ---------------------------------------------------------------- exec

@@ -33,7 +33,7 @@ GUEST_MODULES = ("virtio_mmio", "virtio_console", "9pnet_virtio", "9p")
 KERNEL_PACKAGE = "linux-image-amd64"  # its dependency names the versioned package to fetch
 # Imported lazily by the guest agent, so not seen when tracing its imports (and ctypes, for setns,
 # where the guest's Python has no os.setns: before 3.12).
-GUEST_PYTHON_IMPORTS = ("resource", "socket", "netmux")
+GUEST_PYTHON_IMPORTS = ("resource",)
 IMAGE_VERSION = "3"
 
 INIT_SCRIPT = """#!/bin/busybox sh
