@@ -3,7 +3,9 @@
     python bench/microvm.py [--runs 5]
 
 Rows: a cold boot (kernel + initramfs, no saved state) to the first command's end; a start from the
-saved VM state to the first command's end; `/bin/true` in a live VM; QEMU's resident memory and
+saved VM state to the first command's end, with network `none` and `allow`; `/bin/true` in a live
+VM; with network `allow`, a small GET through the proxy (a new connection each) and one
+connection's download throughput, from a server on the host's loopback; QEMU's resident memory and
 its overhead beyond the guest memory in use. The targets hold for KVM; under emulation (TCG) the
 figures are printed for the record and the targets are not judged.
 """
@@ -11,15 +13,17 @@ figures are printed for the record and the targets are not judged.
 from __future__ import annotations
 
 import argparse
+import http.server
 import os
 import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 
 from corral.backends.microvm.backend import MicrovmBackend
-from corral.policy.model import Policy, Zone
+from corral.policy.model import Network, Policy, Zone
 from corral.policy.resolve import resolve
 
 TARGETS = {  # on KVM
@@ -40,6 +44,45 @@ def first_exec(backend: MicrovmBackend, rp, runs: int) -> list[float]:  # type: 
         finally:
             live.stop()
     return samples
+
+
+NET_SCRIPT = """
+import socket, sys, time, urllib.request
+port, runs, size = int(sys.argv[1]), int(sys.argv[2]), 32 << 20
+samples = []
+for _ in range(runs):
+    started = time.perf_counter()
+    urllib.request.urlopen("http://127.0.0.1:%d/small" % port).read()
+    samples.append((time.perf_counter() - started) * 1000)
+sock = socket.create_connection(("127.0.0.1", 3128))
+sock.sendall(b"GET http://127.0.0.1:%d/big HTTP/1.1\\r\\nHost: 127.0.0.1:%d\\r\\n\\r\\n" % (port, port))
+started, got = time.perf_counter(), 0
+while got < size:
+    chunk = sock.recv(1 << 16)
+    if not chunk:
+        break
+    got += len(chunk)
+print(sorted(samples)[len(samples) // 2], got / (time.perf_counter() - started) / 2**20)
+"""
+
+
+class Origin(http.server.BaseHTTPRequestHandler):
+    """/small: a few bytes; /big: 32 MiB (the header included in what the client counts)."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        size = 32 << 20 if self.path == "/big" else 5
+        self.send_response(200)
+        self.send_header("Content-Length", str(size))
+        self.end_headers()
+        block = b"x" * 65536
+        while size > 0:
+            self.wfile.write(block[: min(size, len(block))])
+            size -= len(block)
+
+    def log_message(self, *args: object) -> None:
+        pass
 
 
 def rss_kib(pid: int, guest_mib: int) -> tuple[int, int]:
@@ -76,6 +119,19 @@ def main() -> int:
     rows["boot to first exec"] = statistics.median(boot)
     first_exec(warm, rp, 1)  # the saved state exists from here on
     rows["restore to first exec"] = statistics.median(first_exec(warm, rp, runs))
+    origin = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Origin)
+    threading.Thread(target=origin.serve_forever, daemon=True).start()
+    port = int(origin.server_address[1])
+    net_rp = rp.replace(network=Network(mode="allow", allow=[f"127.0.0.1:{port}"]))
+    rows["restore to first exec, network allow"] = statistics.median(first_exec(warm, net_rp, runs))
+    live = warm.start(net_rp, sandbox_id="bench")
+    try:
+        r = live.exec(["python3", "-c", NET_SCRIPT, str(port), str(runs * 2)], timeout=600).check()
+        request, throughput = (float(x) for x in r.stdout_text.split())
+        rows["network allow: GET, new connection"] = request
+    finally:
+        live.stop()
+        origin.shutdown()
     live = warm.start(rp, sandbox_id="bench")
     try:
         live.exec(["/bin/true"]).check()
@@ -96,6 +152,7 @@ def main() -> int:
     in_use = f"of which guest RAM {guest_used / 1024:.1f} MiB"
     print(f"  {'QEMU resident memory':<{width}}  {qemu_rss / 1024:9.1f} MiB ({in_use})")
     print(f"  {'host overhead':<{width}}  {overhead:9.1f} MiB")
+    print(f"  {'network allow: download':<{width}}  {throughput:9.1f} MiB/s (one connection)")
     print("targets (KVM):")
     measured = {**rows, "host overhead": overhead}
     for name, target in TARGETS.items():

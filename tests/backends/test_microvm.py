@@ -45,6 +45,8 @@ def test_qemu_argv_exact_vector() -> None:
         "-chardev", "socket,id=agent,fd=7",
         "-device", "virtio-serial-device",
         "-device", "virtserialport,chardev=agent,name=corral.agent",
+        "-chardev", "null,id=net",
+        "-device", "virtserialport,chardev=net,name=corral.net",
         "-chardev", "socket,id=qmp,fd=8",
         "-mon", "chardev=qmp,mode=control",
         "-fsdev", "local,id=fs0,path=/usr,security_model=none,readonly=on",
@@ -53,8 +55,15 @@ def test_qemu_argv_exact_vector() -> None:
         "-device", "virtio-9p-device,fsdev=fs1,mount_tag=z0",
         "-incoming", "fd:9",
     )  # fmt: skip
-    # No network device, ever (the policy's network 'none' is the VM's shape).
-    assert not any(a in ("-netdev", "-nic", "-net") for a in qemu_argv("q", spec))
+    # No network device, ever. With network 'allow' only what is behind the `corral.net` port changes, not
+    # the VM's devices: a state saved by either restores for both.
+    allow = spec.replace(net_fd=10)
+    none = qemu_argv("q", spec)
+    at = none.index("null,id=net")
+    assert qemu_argv("q", allow) == (*none[:at], "socket,id=net,fd=10", *none[at + 1 :])
+    for s in (spec, allow):
+        assert not any(a in ("-netdev", "-nic", "-net") for a in qemu_argv("q", s))
+    assert allow.state_key() == spec.state_key() and "corral.net" in spec.state_key()
 
 
 def test_kernel_cmdline_gives_the_tsc_under_emulation() -> None:
@@ -251,6 +260,97 @@ def test_no_network_and_nested_namespace_sandbox(microvm, workdir: Path) -> None
     assert "unreachable" in lines[-1].lower() or "Errno" in lines[-1], r
     with pytest.raises(UnsupportedPolicy, match="network mode 'host'"):
         microvm.start(resolve(Policy(network=Network(mode="host")), host_env={}, host_cwd="/"), sandbox_id="net")
+
+
+NET_PROBE = """
+import asyncio, errno, os, socket, sys, urllib.request
+P, E = int(sys.argv[1]), int(sys.argv[2])
+print("env", os.environ.get("HTTP_PROXY"), os.environ.get("ALL_PROXY"), repr(os.environ.get("NO_PROXY")))
+print("allowed", urllib.request.urlopen("http://127.0.0.1:%d/allowed" % P, timeout=60).read().decode())
+try:
+    urllib.request.urlopen("http://denied.test:%d/" % P, timeout=60)
+except urllib.error.HTTPError as e:
+    print("denied", e.code, e.headers["X-Corral-Rule"])
+for host, port in (("127.0.0.1", P), ("10.0.2.2", 80)):
+    try:
+        socket.create_connection((host, port), timeout=5)
+        print("DIRECT CONNECTED", host)
+    except OSError as e:
+        print("direct", host, errno.errorcode.get(e.errno, e.errno))
+print("interfaces", sorted(line.split(":")[0].strip() for line in open("/proc/net/dev").readlines()[2:]))
+
+async def tunnel(i):
+    r, w = await asyncio.open_connection("127.0.0.1", 3128)
+    w.write(b"CONNECT 127.0.0.1:%d HTTP/1.1\\r\\nHost: 127.0.0.1:%d\\r\\n\\r\\n" % (E, E))
+    head = await r.readuntil(b"\\r\\n\\r\\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    w.write(b"ping %d\\n" % i)
+    line = await r.readline()
+    w.close()
+    return line
+
+async def main():
+    # One connection asks for 4 MiB and is not read until the 40 others are done: it must not hold them up.
+    r, w = await asyncio.open_connection("127.0.0.1", 3128)
+    w.write(b"GET http://127.0.0.1:%d/big/%d HTTP/1.1\\r\\nHost: 127.0.0.1:%d\\r\\n\\r\\n" % (P, 4 << 20, P))
+    await asyncio.sleep(1)
+    answers = await asyncio.wait_for(asyncio.gather(*(tunnel(i) for i in range(40))), 120)
+    print("tunnels", sum(a == b"ping %d\\n" % i for i, a in enumerate(answers)))
+    await r.readuntil(b"\\r\\n\\r\\n")
+    print("big", len(await r.readexactly(4 << 20)))
+    w.close()
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.slow
+def test_network_allow_through_the_host_proxy(microvm, workdir: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Network 'allow' in a VM: the host's proxy through the `corral.net` port, from a command's own namespace."""
+    import tempfile
+
+    import corral
+    from corral.audit import read_events
+    from tests.net.conftest import Origin
+    from tests.net.test_sandbox import EchoServer
+
+    origin, echo = Origin(), EchoServer()
+    p, e = origin.port, echo.port
+    audit = tmp_path / "audit.jsonl"
+    policy = corral.Policy.workspace(str(workdir)).replace(
+        network=Network(mode="allow", allow=[f"127.0.0.1:{p}", f"127.0.0.1:{e}"]))  # fmt: skip
+    try:
+        with corral.Sandbox(policy, backend="microvm", audit=str(audit)) as sb:
+            r = sb.exec(["python3", "-c", NET_PROBE, str(p), str(e)], timeout=300)
+            sockets = {f for f in os.listdir(tempfile.gettempdir()) if f.startswith("corral-net-")}
+            curl = sb.exec(["/bin/sh", "-c", f"command -v curl >/dev/null || exit 99; "
+                                             f"curl -sS -x socks5h://127.0.0.1:3128 http://127.0.0.1:{p}/socks; echo; "
+                                             f"curl -sS -o /dev/null -w '%{{http_code}}' http://127.0.0.1:{p + 1}/"],
+                           timeout=120)  # fmt: skip
+    finally:
+        origin.close()
+        echo.close()
+    lines = r.stdout_text.splitlines()
+    assert r.ok, r
+    assert lines[0] == "env http://127.0.0.1:3128 socks5h://127.0.0.1:3128 ''"
+    assert lines[1] == f"allowed GET /allowed host=127.0.0.1:{p} body="
+    assert lines[2] == "denied 403 default-deny"  # refused by name, never resolved
+    assert lines[3] == "direct 127.0.0.1 ECONNREFUSED"  # the command's own loopback: not the host's
+    assert lines[4] == "direct 10.0.2.2 ENETUNREACH"  # no route anywhere: the VM has no network device
+    assert lines[5] == "interfaces ['lo']"
+    assert lines[6:] == ["tunnels 40", f"big {4 << 20}"]
+    assert origin.paths()[0] == "/allowed"
+    if curl.returncode != 99:  # curl is in the system view: SOCKS5 through the same port
+        assert curl.ok and curl.stdout_text == f"GET /socks host=127.0.0.1:{p} body=\n403", curl
+        assert "/socks" in origin.paths()
+    # Every decision is in the audit log, under the sandbox's id; the proxy went with the sandbox.
+    events = list(read_events(str(audit)))
+    decisions = [(ev["via"], ev["action"], ev["rule"], ev["port"]) for ev in events if ev["event"] == "net.decision"]
+    assert decisions[:2] == [("http", "allow", f"network.allow=127.0.0.1:{p}", p), ("http", "deny", "default-deny", p)]
+    assert decisions.count(("connect", "allow", f"network.allow=127.0.0.1:{e}", e)) == 40
+    assert all(ev["sandbox"] == sb.id and ev["backend"] == "microvm" for ev in events)
+    assert next(ev for ev in events if ev["event"] == "sandbox.start")["network"] == "allow"
+    assert sockets and not sockets & {f for f in os.listdir(tempfile.gettempdir()) if f.startswith("corral-net-")}
 
 
 @pytest.mark.slow

@@ -10,6 +10,11 @@ It speaks the byte-stream protocol (stream.py) over a virtio-serial port named `
    backend's own argv builder): the command runs in a nested namespace sandbox inside the VM, with
    the policy's view, an unprivileged uid, the seccomp filter and a per-command cgroup. Its stdin,
    stdout and stderr travel as frames; a `signal` frame kills it; its end is an `exit` message.
+4. With network mode 'allow' (`net` in hello), the agent opens the second port, `corral.net`, and
+   for each command listens on 127.0.0.1:PORT inside the command's own network namespace (it
+   enters the namespace bubblewrap made, binds, and comes back before the command starts). Every
+   connection accepted there goes over that port to the host's proxy (netmux.py). The command
+   keeps a network namespace with loopback only; the VM has no network device at all.
 
 Stdlib only, Python >= 3.8: it runs under the host's system Python copied into the initramfs.
 """
@@ -22,14 +27,23 @@ import fcntl
 import os
 import select
 import signal
+import socket
 import sys
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+# Imported at boot, before the VM's state is saved, so that restored sandboxes do not pay for it.
 if __package__:
-    from corral.agent import stream
-else:  # run as a script: stream.py sits next to us in the initramfs
+    from corral.agent import netmux, stream
+else:  # run as a script: stream.py and netmux.py sit next to us in the initramfs
+    import netmux  # type: ignore[import-not-found,no-redef]
     import stream  # type: ignore[import-not-found,no-redef]
 
 PORT_NAME = "corral.agent"
+NET_PORT_NAME = "corral.net"
+CLONE_NEWNET = 0x40000000
 BUSYBOX = "/bin/busybox"
 CGROUP = "/sys/fs/cgroup"
 SANDBOX_CG = CGROUP + "/sandbox"
@@ -42,16 +56,68 @@ _HIGH_FD = 64
 _DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP)
 
 
-def find_port() -> str:
+def find_port(wanted: str = PORT_NAME) -> str:
     base = "/sys/class/virtio-ports"
     for name in sorted(os.listdir(base)):
         try:
             with open(os.path.join(base, name, "name")) as f:
-                if f.read().strip() == PORT_NAME:
+                if f.read().strip() == wanted:
                     return "/dev/" + name
         except OSError:
             continue
-    raise OSError(errno.ENODEV, "no virtio-serial port named " + PORT_NAME)
+    raise OSError(errno.ENODEV, "no virtio-serial port named " + wanted)
+
+
+def _setns_call() -> Callable[[int], None]:
+    """setns(fd, CLONE_NEWNET) as a function: os.setns (Python >= 3.12) or libc's through ctypes."""
+    native = getattr(os, "setns", None)
+    if native is not None:
+        return lambda fd: native(fd, CLONE_NEWNET)
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def call(fd: int) -> None:
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+
+    return call
+
+
+class Network:
+    """Network mode 'allow' in the guest: the `corral.net` port and a listener per command."""
+
+    def __init__(self, poller: select.poll, port: int, setns: Callable[[int], None]) -> None:
+        self.listen_port = port
+        self.fd = os.open(find_port(NET_PORT_NAME), os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
+        self.setns = setns
+        self.own = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        self.mux = netmux.Mux(self.fd, poller)
+
+    def listen_in(self, pid: int, tag: int) -> None:
+        """Listen on 127.0.0.1:PORT in the network namespace of `pid` (a command's), for the mux."""
+        target = os.open("/proc/%d/ns/net" % pid, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            self.setns(target)
+            try:
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    sock.bind(("127.0.0.1", self.listen_port))
+                    sock.listen(1024)
+                except OSError:
+                    sock.close()
+                    raise
+            finally:
+                try:
+                    self.setns(self.own)
+                except OSError as exc:  # never serve anything from a command's namespace
+                    os.write(2, b"corral guest agent: cannot return to its network namespace: %s\n" % str(exc).encode())
+                    os._exit(70)
+        finally:
+            os.close(target)
+        self.mux.listen(sock, tag)
 
 
 def _high(fd: int) -> int:
@@ -104,6 +170,7 @@ class Exec:
         self.stdin_eof = False
         self.cgroup = ""
         self.status_fd = -1
+        self.error = ""
         self.oom_before = 0
         self.pids_before = 0
 
@@ -120,6 +187,13 @@ class GuestAgent:
         self.ready = False
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.poller = select.poll()
+        self.net = None  # type: Network | None
+        self.setns = None  # type: Callable[[int], None] | None
+        self.setns_error = ""
+        try:
+            self.setns = _setns_call()  # at boot (see the imports above); needed by network 'allow' only
+        except (ImportError, OSError, AttributeError) as exc:
+            self.setns_error = "no setns() here: %s" % exc
 
     def send(self, ident: int, body: dict) -> None:  # type: ignore[type-arg]
         stream.write_all(self.port, stream.message(ident, body))
@@ -161,6 +235,11 @@ class GuestAgent:
         _write(SANDBOX_CG + "/cgroup.subtree_control", "+memory +pids")
         if msg.get("hostname"):
             _write("/proc/sys/kernel/hostname", str(msg["hostname"]))
+        net = msg.get("net")
+        if net:
+            if self.setns is None:
+                raise OSError(errno.ENOSYS, self.setns_error)
+            self.net = Network(self.poller, int(net["port"]), self.setns)
         self.ready = True
 
     # ---------------------------------------------------------------- exec
@@ -223,8 +302,17 @@ class GuestAgent:
         if child:
             _write(ex.cgroup + "/cgroup.procs", str(child))
             self._rlimits(child, msg.get("rlimits", {}))
-        os.write(block_w, b"1")
-        os.close(block_w)
+            if self.net is not None:
+                try:
+                    self.net.listen_in(child, ident)
+                except OSError as exc:  # the command must not start without its way to the proxy
+                    ex.error = "cannot listen for the network proxy in the command's namespace: %s" % exc
+                    self.kill(ex, signal.SIGKILL)
+                    os.close(block_w)
+                    block_w = -1
+        if block_w >= 0:
+            os.write(block_w, b"1")
+            os.close(block_w)
         for fd in ex.pipes:
             self.by_fd[fd] = ex
             self.poller.register(fd, select.POLLIN)
@@ -343,6 +431,8 @@ class GuestAgent:
         if ex.status_fd >= 0:
             os.close(ex.status_fd)
             ex.status_fd = -1
+        if self.net is not None:
+            self.net.mux.unlisten(ex.id)
         peak = None
         try:
             with open(ex.cgroup + "/memory.peak") as f:
@@ -360,7 +450,9 @@ class GuestAgent:
             "peak": peak,
             "oom_kills": _read_counter(SANDBOX_CG + "/memory.events", "oom_kill") - ex.oom_before,
             "pids_hits": _read_counter(SANDBOX_CG + "/pids.events", "max") - ex.pids_before,
-        }
+        }  # type: dict[str, object]
+        if ex.error:
+            reply["error"] = ex.error
         for _ in range(100):
             try:
                 os.rmdir(ex.cgroup)
@@ -411,7 +503,7 @@ class GuestAgent:
                 events = self.poller.poll()
             except InterruptedError:
                 continue
-            for fd, _event in events:
+            for fd, event in events:
                 if fd == self.wake_r:
                     try:
                         os.read(self.wake_r, 4096)
@@ -433,6 +525,12 @@ class GuestAgent:
                         self._flush_stdin(ex)
                     else:
                         self.output(fd)
+                elif self.net is not None and self.net.mux.owns(fd):
+                    try:
+                        self.net.mux.handle(fd, event)
+                    except Exception as exc:  # the network ends, the agent (the VM's init) goes on
+                        os.write(2, b"corral guest agent: network port failed: %r\n" % exc)
+                        self.net.mux.close()
             self.reap()
 
 

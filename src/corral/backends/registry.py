@@ -30,7 +30,7 @@ BACKENDS: dict[str, tuple[str, str, int]] = {
     "microvm": ("corral.backends.microvm.backend", "MicrovmBackend", 60),
 }
 AUTO_ORDER = ("namespace", "landlock")
-PROBE_CACHE_VERSION = "2"  # 2: net.allow joined the namespace and landlock capabilities
+PROBE_CACHE_VERSION = "3"  # 2: net.allow joined the namespace and landlock capabilities; 3: and microvm's
 
 
 def known_backends() -> tuple[str, ...]:

@@ -6,6 +6,11 @@ sandbox starts QEMU restoring that state, with its own share paths, and sends th
 layout (`hello`). Inside, each command runs in a nested bubblewrap sandbox built from the policy by
 the namespace backend's own argv builder, under the guest's cgroup v2 limits.
 
+Network: the VM never has a network device. With network mode 'allow', the sandbox's proxy (the
+same as the namespace backend's) listens on a host unix socket; the guest agent listens on
+127.0.0.1:3128 inside each command's own network namespace and sends every connection over the
+`corral.net` virtio-serial port, where `NetBridge` connects it to the proxy. Mode 'host' is refused.
+
 KVM is used when it really boots a guest here (checked once by booting one, then remembered);
 otherwise QEMU emulates the CPU (TCG): it works, but slowly (seconds to boot), so `doctor` says
 so, and `auto` never picks this backend.
@@ -33,14 +38,17 @@ if TYPE_CHECKING:
     from corral.backends.microvm.client import StreamClient
     from corral.backends.microvm.image import GuestImage
     from corral.backends.microvm.layout import Layout
+    from corral.backends.microvm.netbridge import NetBridge
     from corral.backends.microvm.qemu import QemuVm, VmSpec
+    from corral.net.proxy import Resolver
+    from corral.net.service import SandboxProxy
     from corral.policy.resolve import ResolvedPolicy
 
 log = logging.getLogger(__name__)
 
 ENFORCES = frozenset({
     "exec.commands",
-    "fs.isolation", "fs.remap", "fs.tmpfs", "proc.isolation", "net.none", "syscall.filter",
+    "fs.isolation", "fs.remap", "fs.tmpfs", "proc.isolation", "net.none", "net.allow", "syscall.filter",
     "limits.memory", "limits.pids", "limits.cpus", "limits.timeout", "limits.output", "limits.file_size",
     "limits.open_files",
 })  # fmt: skip
@@ -75,9 +83,11 @@ class MicrovmBackend(Backend):
     name = "microvm"
     strength = 60
 
-    def __init__(self, *, restore: bool = True) -> None:
-        """`restore=False` always boots (and saves no state): for measuring and testing the boot path."""
+    def __init__(self, *, restore: bool = True, resolver: Resolver | None = None) -> None:
+        """`restore=False` always boots (and saves no state): for measuring and testing the boot path.
+        `resolver` is the network proxy's (None: the host's); tests map names with it."""
         self._restore = restore
+        self._resolver = resolver
         self._image: GuestImage | None = None
         self._accel: str | None = None
         self._caps: Capabilities | None = None
@@ -185,23 +195,45 @@ class MicrovmBackend(Backend):
         image = self.image()
         notes = [f"accelerator: {accel}" + ("" if accel == "kvm" else f" ({TCG_NOTE})"),
                  f"guest kernel {image.kernel_release}; {_qemu_label(self.qemu)}",
-                 "each command runs in a bubblewrap sandbox inside the VM; no network device"]  # fmt: skip
+                 "each command runs in a bubblewrap sandbox inside the VM; no network device",
+                 "network 'allow': loopback only inside; the host proxy (HTTP, CONNECT, SOCKS5) through a "
+                 "virtio-serial port; 'host' is refused"]  # fmt: skip
         return Capabilities(name=self.name, available=True, strength=self.strength, enforces=ENFORCES,
                             limits_via="guest cgroup v2", notes=tuple(notes))  # fmt: skip
 
     # ------------------------------------------------------------------ start
     def start(self, rp: ResolvedPolicy, *, sandbox_id: str, events: EventSink | None = None) -> LiveSandbox:
-        from corral.backends.microvm.image import cache_dir
-        from corral.backends.microvm.layout import ZONE_SLOTS, file_zones, plan
-        from corral.kernel.seccomp import build_filter
+        from corral.backends.microvm.layout import file_zones
 
-        if rp.network.mode != "none":
-            raise UnsupportedPolicy(self.name, (f"network mode '{rp.network.mode}' (the VM has no network device)",))
+        if rp.network.mode not in ("none", "allow"):
+            raise UnsupportedPolicy(self.name, (f"network mode '{rp.network.mode}' (the VM has no network device; "
+                                                "use 'allow' to reach listed hosts through the proxy)",))  # fmt: skip
         bad = file_zones(rp, [os.path.isdir(z.host) for z in rp.zones if z.host is not None])
         if bad:
             raise UnsupportedPolicy(self.name, bad)
         image = self.image()
         accel = self.accel()
+        proxy: SandboxProxy | None = None
+        if rp.network.mode == "allow":
+            from corral.backends.namespace.argv import PROXY_PORT
+            from corral.net.service import SandboxProxy, proxy_env
+
+            proxy = SandboxProxy.start_unix(rp.network, events=events, resolver=self._resolver)
+            rp = rp.replace(env=tuple(sorted({**rp.env_dict, **proxy_env(PROXY_PORT)}.items())))
+        try:
+            return self._start(rp, sandbox_id, image, accel, proxy)
+        except BaseException:
+            if proxy is not None:
+                proxy.stop()
+            raise
+
+    def _start(
+        self, rp: ResolvedPolicy, sandbox_id: str, image: GuestImage, accel: str, proxy: SandboxProxy | None
+    ) -> MicrovmSandbox:
+        from corral.backends.microvm.image import cache_dir
+        from corral.backends.microvm.layout import ZONE_SLOTS, plan
+        from corral.kernel.seccomp import build_filter
+
         layout = plan(rp, empty_dir=_empty_dir())
         memory = DEFAULT_MEMORY_MIB
         if rp.limits.memory is not None:
@@ -216,9 +248,10 @@ class MicrovmBackend(Backend):
         if restored and state is not None:
             os.utime(state)  # most recently used: kept by pruning
         timeout = BOOT_TIMEOUT[accel]
+        net = proxy is not None
         try:
             vm, client, workdir = self._launch(image, accel, layout, state if restored else None, timeout=timeout,
-                                               memory=memory, cpus=_cpus(rp))  # fmt: skip
+                                               memory=memory, cpus=_cpus(rp), net=net)  # fmt: skip
         except LaunchError as exc:
             if not restored or state is None:
                 raise
@@ -227,7 +260,8 @@ class MicrovmBackend(Backend):
             _unlink(state)
             restored = False
             vm, client, workdir = self._launch(image, accel, layout, None, timeout=timeout, memory=memory,
-                                               cpus=_cpus(rp))  # fmt: skip
+                                               cpus=_cpus(rp), net=net)  # fmt: skip
+        bridge: NetBridge | None = None
         try:
             if state is not None and not restored:
                 try:
@@ -244,9 +278,19 @@ class MicrovmBackend(Backend):
                 "entropy": base64.b64encode(os.urandom(64)).decode(),
                 "hostname": rp.hostname,
             }
+            if proxy is not None:
+                from corral.backends.microvm.netbridge import NetBridge
+                from corral.backends.namespace.argv import PROXY_PORT
+
+                assert vm.net is not None and proxy.socket_path is not None
+                hello["net"] = {"port": PROXY_PORT}
+                bridge = NetBridge(vm.net, proxy.socket_path)
+                bridge.start()
             client.hello(hello, timeout=timeout)
         except BaseException as exc:
             console = vm.console_text()
+            if bridge is not None:
+                bridge.stop()
             vm.kill()
             shutil.rmtree(workdir, ignore_errors=True)
             if isinstance(exc, (LaunchError, SandboxLost)) and console:
@@ -255,7 +299,7 @@ class MicrovmBackend(Backend):
         ready = time.monotonic() - started
         log.info("microvm %s ready in %.3fs (%s, %s)", sandbox_id, ready, accel, "restored" if restored else "booted")
         return MicrovmSandbox(sandbox_id=sandbox_id, rp=rp, layout=layout, vm=vm, client=client, workdir=workdir,
-                              restored=restored, start_time=ready)  # fmt: skip
+                              restored=restored, start_time=ready, proxy=proxy, bridge=bridge)  # fmt: skip
 
     def _launch(
         self,
@@ -267,8 +311,10 @@ class MicrovmBackend(Backend):
         timeout: float,
         memory: int = DEFAULT_MEMORY_MIB,
         cpus: int = 1,
+        net: bool = False,
     ) -> tuple[QemuVm, StreamClient, str]:
-        """Start QEMU (booting, or restoring `state`) and wait until the guest agent is there."""
+        """Start QEMU (booting, or restoring `state`) and wait until the guest agent is there. With `net`,
+        the `corral.net` port's host end is a socketpair (`vm.net`), else QEMU's null device."""
         from corral.backends.microvm.client import StreamClient
         from corral.backends.microvm.qemu import QemuVm, Qmp, VmSpec, host_tsc_khz, kernel_cmdline, qemu_argv
         from corral.kernel.spawn import Child, spawn
@@ -276,7 +322,8 @@ class MicrovmBackend(Backend):
         workdir = tempfile.mkdtemp(prefix="corral-microvm-")
         host_agent, vm_agent = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         host_qmp, vm_qmp = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        passed = [vm_agent.fileno(), vm_qmp.fileno()]
+        host_net, vm_net = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) if net else (None, None)
+        passed = [vm_agent.fileno(), vm_qmp.fileno(), *([vm_net.fileno()] if vm_net is not None else [])]
         state_fd = None
         if state is not None:
             state_fd = os.open(state, os.O_RDONLY | os.O_CLOEXEC)
@@ -285,22 +332,25 @@ class MicrovmBackend(Backend):
         spec: VmSpec = VmSpec(kernel=image.kernel, initramfs=image.initramfs, cmdline=cmdline,
                               memory_mib=memory, cpus=cpus, accel=accel, shares=layout.shares,
                               agent_fd=vm_agent.fileno(), qmp_fd=vm_qmp.fileno(),
-                              console=os.path.join(workdir, "console.log"), incoming_fd=state_fd)  # fmt: skip
+                              console=os.path.join(workdir, "console.log"), incoming_fd=state_fd,
+                              net_fd=vm_net.fileno() if vm_net is not None else None)  # fmt: skip
         null = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
         errlog = os.open(os.path.join(workdir, "qemu.log"), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             pid = spawn(_die_with_us(qemu_argv(self.qemu, spec)), env={"PATH": "/usr/bin:/bin"},
                         stdio=(null, errlog, errlog), pass_fds=passed, new_session=True)  # fmt: skip
         except OSError as exc:
-            host_agent.close()
-            host_qmp.close()
+            for sock in (host_agent, host_qmp, host_net):
+                if sock is not None:
+                    sock.close()
             raise LaunchError(f"cannot run {self.qemu}: {exc.strerror}") from exc
         finally:
             for fd in (null, errlog, *([state_fd] if state_fd is not None else [])):
                 os.close(fd)
-            vm_agent.close()
-            vm_qmp.close()
-        vm = QemuVm(Child(pid), host_agent, Qmp(host_qmp), workdir)
+            for sock in (vm_agent, vm_qmp, vm_net):
+                if sock is not None:
+                    sock.close()
+        vm = QemuVm(Child(pid), host_agent, Qmp(host_qmp), workdir, net=host_net)
         client = StreamClient(host_agent)
         try:
             if state is None:
@@ -324,7 +374,8 @@ class MicrovmSandbox(LiveSandbox):
     backend = "microvm"
 
     def __init__(self, *, sandbox_id: str, rp: ResolvedPolicy, layout: Layout, vm: QemuVm, client: StreamClient,
-                 workdir: str, restored: bool, start_time: float) -> None:  # fmt: skip
+                 workdir: str, restored: bool, start_time: float, proxy: SandboxProxy | None = None,
+                 bridge: NetBridge | None = None) -> None:  # fmt: skip
         from corral.backends.namespace.launch import rlimits_for
 
         self.id = sandbox_id
@@ -335,6 +386,8 @@ class MicrovmSandbox(LiveSandbox):
         self.workdir = workdir
         self.restored = restored
         self.start_time = start_time
+        self.proxy = proxy
+        self.bridge = bridge
         self._rlimits = rlimits_for(rp, frozenset({"memory", "pids"}))
         self._stopped = False
 
@@ -421,8 +474,12 @@ class MicrovmSandbox(LiveSandbox):
             return
         self._stopped = True
         try:
+            if self.bridge is not None:
+                self.bridge.stop()
             self.vm.kill()
         finally:
+            if self.proxy is not None:
+                self.proxy.stop()
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 

@@ -31,7 +31,8 @@ BACKEND = "microvm"
 # What the guest needs from the kernel; each is loaded (with its dependencies) when built as a module.
 GUEST_MODULES = ("virtio_mmio", "virtio_console", "9pnet_virtio", "9p")
 KERNEL_PACKAGE = "linux-image-amd64"  # its dependency names the versioned package to fetch
-# Imported lazily by the guest agent, so not seen when tracing its imports.
+# Imported lazily by the guest agent, so not seen when tracing its imports (and ctypes, for setns,
+# where the guest's Python has no os.setns: before 3.12).
 GUEST_PYTHON_IMPORTS = ("resource",)
 IMAGE_VERSION = "3"
 
@@ -331,7 +332,9 @@ def python_files(python: str) -> list[str]:
         f"sys.path.insert(0, {agent_dir!r})\n"
         "import guest\n"
         f"for m in {GUEST_PYTHON_IMPORTS!r}: __import__(m)\n"
-        "sys.modules.pop('guest'); sys.modules.pop('stream')\n"
+        "import os\n"
+        "if not hasattr(os, 'setns'): import ctypes\n"
+        "for m in ('guest', 'stream', 'netmux'): sys.modules.pop(m)\n"
         "for m in list(sys.modules.values()):\n"
         "    f = getattr(m, '__file__', None)\n"
         "    if f: print(f)\n"
@@ -375,7 +378,7 @@ def agent_sources() -> dict[str, bytes]:
 
     directory = os.path.dirname(os.path.realpath(corral.agent.__file__))
     out = {}
-    for name in ("guest.py", "stream.py"):
+    for name in ("guest.py", "stream.py", "netmux.py"):
         with open(os.path.join(directory, name), "rb") as f:
             out[name] = f.read()
     return out

@@ -1,8 +1,11 @@
 """QEMU's `microvm` machine: the command line (pure, tested against exact vectors) and a running VM.
 
 The machine has no firmware, no PCI and no disks: virtio-mmio devices only. The guest talks to the
-host over one virtio-serial port (`corral.agent`), QEMU is driven over QMP, and both channels are
-socketpairs whose guest-side ends QEMU inherits (no socket files on the host). The host's
+host over a virtio-serial port (`corral.agent`), QEMU is driven over QMP, and both channels are
+socketpairs whose guest-side ends QEMU inherits (no socket files on the host). A second port,
+`corral.net`, carries the connections to the network proxy (network mode 'allow'); every VM has it,
+so that one saved state serves every network mode, but its host end is QEMU's null device unless
+the sandbox's policy allows network. The host's
 directories reach the guest as virtio-9p shares with `security_model=none` (files keep the uid of
 the user running corral, as with the namespace backend), read-only shares marked so by QEMU
 itself. No network device is ever added. QEMU confines itself with its own seccomp sandbox.
@@ -26,6 +29,7 @@ if TYPE_CHECKING:
 MACHINE = "microvm,x-option-roms=off,pit=on,pic=on,rtc=on,isa-serial=on"
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 PORT_NAME = "corral.agent"
+NET_PORT_NAME = "corral.net"
 
 
 class Share(Record):
@@ -45,7 +49,7 @@ class VmSpec(Record):
     can restore each other's saved state: see `state_key`."""
 
     __slots__ = ("accel", "agent_fd", "cmdline", "console", "cpus", "incoming_fd", "initramfs", "kernel",
-                 "memory_mib", "qmp_fd", "shares")  # fmt: skip
+                 "memory_mib", "net_fd", "qmp_fd", "shares")  # fmt: skip
     kernel: str
     initramfs: str
     cmdline: str
@@ -57,6 +61,7 @@ class VmSpec(Record):
     qmp_fd: int
     console: str | None  # a file for the serial console, None to discard it
     incoming_fd: int | None  # a saved state to restore instead of booting
+    net_fd: int | None  # the host end of the `corral.net` port (None: nothing behind it)
 
     def __init__(
         self,
@@ -72,18 +77,21 @@ class VmSpec(Record):
         qmp_fd: int,
         console: str | None = None,
         incoming_fd: int | None = None,
+        net_fd: int | None = None,
     ) -> None:
         if accel not in ("kvm", "tcg"):
             raise ValueError(f"unknown accelerator {accel!r}")
         self._set(kernel=kernel, initramfs=initramfs, cmdline=cmdline, memory_mib=memory_mib, cpus=cpus,
                   accel=accel, shares=tuple(shares), agent_fd=agent_fd, qmp_fd=qmp_fd, console=console,
-                  incoming_fd=incoming_fd)  # fmt: skip
+                  incoming_fd=incoming_fd, net_fd=net_fd)  # fmt: skip
 
     def state_key(self) -> str:
-        """What a saved state depends on: the machine, its devices and the guest (not the share paths)."""
+        """What a saved state depends on: the machine, its devices and the guest (not the share paths, nor
+        what is behind the network port: the device is the same)."""
         tags = ",".join(f"{s.tag}:{'ro' if s.readonly else 'rw'}" for s in self.shares)
+        ports = ",".join((PORT_NAME, NET_PORT_NAME))
         return "|".join((MACHINE, self.accel, str(self.memory_mib), str(self.cpus), self.kernel, self.initramfs,
-                         self.cmdline, tags))  # fmt: skip
+                         self.cmdline, tags, ports))  # fmt: skip
 
 
 def _opt(value: str) -> str:
@@ -110,6 +118,8 @@ def qemu_argv(qemu: str, spec: VmSpec) -> tuple[str, ...]:
         "-chardev", f"socket,id=agent,fd={spec.agent_fd}",
         "-device", "virtio-serial-device",
         "-device", f"virtserialport,chardev=agent,name={PORT_NAME}",
+        "-chardev", "null,id=net" if spec.net_fd is None else f"socket,id=net,fd={spec.net_fd}",
+        "-device", f"virtserialport,chardev=net,name={NET_PORT_NAME}",
         "-chardev", f"socket,id=qmp,fd={spec.qmp_fd}",
         "-mon", "chardev=qmp,mode=control",
     ]  # fmt: skip
@@ -201,11 +211,13 @@ class Qmp:
 class QemuVm:
     """A running QEMU: its process, the agent's channel and the monitor."""
 
-    def __init__(self, child: Child, agent: socket.socket, qmp: Qmp, workdir: str) -> None:
+    def __init__(self, child: Child, agent: socket.socket, qmp: Qmp, workdir: str, *,
+                 net: socket.socket | None = None) -> None:  # fmt: skip
         self.child = child
         self.agent = agent
         self.qmp = qmp
         self.workdir = workdir
+        self.net = net  # the host end of the `corral.net` port, when the sandbox has network 'allow'
 
     def save_state(self, path: str, *, timeout: float = 120.0) -> None:
         """Write the VM's state to `path` (migration to a file), then let the VM run on."""
@@ -250,3 +262,5 @@ class QemuVm:
         self.child.wait()
         self.agent.close()
         self.qmp.sock.close()
+        if self.net is not None:
+            self.net.close()
