@@ -139,6 +139,14 @@ def _write(path: str, value: str) -> None:
         f.write(value)
 
 
+def _children_of(pid: int) -> list:  # type: ignore[type-arg]
+    try:
+        with open("/proc/%d/task/%d/children" % (pid, pid), "rb") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
 def _read_counter(path: str, key: str) -> int:
     try:
         with open(path) as f:
@@ -299,17 +307,28 @@ class GuestAgent:
         # bubblewrap writes the command's exit code here at the end: kept open until then (no SIGPIPE).
         ex.status_fd = status_r
         child = self._child_pid(status_r, ex.pid)
-        if child:
+        what = "its cgroup"
+        try:
+            if not child:
+                raise OSError(errno.ESRCH, "bubblewrap did not report the sandbox's pid")
             _write(ex.cgroup + "/cgroup.procs", str(child))
+            what = "its rlimits"
             self._rlimits(child, msg.get("rlimits", {}))
             if self.net is not None:
+                what = "a listener for the network proxy in its namespace"
+                self.net.listen_in(child, ident)
+        except OSError as exc:
+            # The command must not start without its limits or its way to the proxy. Kill the
+            # sandbox before closing the block fd: at that end of file bubblewrap would run it.
+            ex.error = "cannot set up the command's sandbox (%s): %s" % (what, exc)
+            for pid in {child, *_children_of(ex.pid)} - {0}:
                 try:
-                    self.net.listen_in(child, ident)
-                except OSError as exc:  # the command must not start without its way to the proxy
-                    ex.error = "cannot listen for the network proxy in the command's namespace: %s" % exc
-                    self.kill(ex, signal.SIGKILL)
-                    os.close(block_w)
-                    block_w = -1
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            self.kill(ex, signal.SIGKILL)
+            os.close(block_w)
+            block_w = -1
         if block_w >= 0:
             os.write(block_w, b"1")
             os.close(block_w)

@@ -445,6 +445,11 @@ def main() -> int:
     except Exception as exc:  # report, then fail closed: the host refuses to use this sandbox
         protocol.send(sock, {"ready": False, "error": "%s: %s" % (type(exc).__name__, exc)})
         return 3
+    # Everything allocated so far lives as long as we do: keep it out of the collector's full
+    # passes, which would otherwise walk it every few hundred commands.
+    import gc
+
+    gc.freeze()
     agent.serve()
     return 0
 
