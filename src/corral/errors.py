@@ -99,8 +99,8 @@ class UnsupportedPolicy(BackendError):
         self.parts = parts
         super().__init__(
             f"backend '{backend}' cannot enforce: {'; '.join(parts)}"
-            " (choose a stronger backend, change the policy, or accept the weaker guarantee"
-            " with allow_weaker / --allow-weaker)"
+            " (choose a backend that does: `corral doctor` lists what each enforces; or change the policy;"
+            " or accept the weaker guarantee with allow_weaker / --allow-weaker)"
         )
 
 

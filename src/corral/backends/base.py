@@ -116,7 +116,7 @@ def required_features(rp: ResolvedPolicy) -> dict[str, str]:
 def check_supported(caps: Capabilities, rp: ResolvedPolicy, *, allow_weaker: bool) -> tuple[str, ...]:
     """The policy parts `caps` cannot enforce; raises `UnsupportedPolicy` unless `allow_weaker`."""
     missing = tuple(
-        f"{part} ({FEATURES[feature]})"
+        part if part == FEATURES[feature] else f"{part} ({FEATURES[feature]})"
         for feature, part in required_features(rp).items()
         if feature not in caps.enforces
     )
