@@ -121,6 +121,10 @@ def test_requests_connects_to_the_address_it_checked(origin: Origin) -> None:
 
         session = requests_session(network=net, resolver=resolver)
         assert session.get(f"http://rebind.test:{origin.port}/", headers={"Connection": "close"}).ok
+        # The second request must open a new connection (a kept one was checked already). Without
+        # this, under load the pool could hand back the first connection before the server's close
+        # arrives, and the request would fail on it instead of reaching the check.
+        session.close()
         with pytest.raises(NetworkDenied) as caught:
             session.get(f"http://rebind.test:{origin.port}/")
         assert caught.value.rule == "blocked-address:loopback" and attacker.hits == []
