@@ -135,3 +135,41 @@ def test_doctor_names_the_attach_wait_and_its_fix() -> None:
         assert note is None
     else:
         assert note is not None and "rcu_expedited" in note and "favordynmods" in note
+
+
+def test_attach_prefetch_never_moves_the_callers_other_threads() -> None:
+    """A library must not undo where its caller put its threads (v1 lets each thread have its own cgroup)."""
+    import threading
+
+    from corral.kernel import cgroups
+
+    pids_base = next((m for c, m in cgroups._cgroup_mounts().items() if c == "pids"), None)
+    if os.geteuid() != 0 or pids_base is None:
+        pytest.skip("needs root and the cgroup v1 pids hierarchy")
+    elsewhere = os.path.join(pids_base, f"corral-test-thread-{os.getpid()}")
+    os.mkdir(elsewhere)
+    ready, done = threading.Event(), threading.Event()
+    tid: list[int] = []
+
+    def worker() -> None:
+        tid.append(threading.get_native_id())
+        ready.set()
+        done.wait(10)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    try:
+        ready.wait(5)
+        with open(os.path.join(elsewhere, "tasks"), "w") as f:
+            f.write(str(tid[0]))
+        cgroups.start_attach_prefetch()
+        deadline = time.monotonic() + 5
+        while cgroups._prefetch_in_flight and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with open(f"/proc/self/task/{tid[0]}/cgroup") as f:
+            placed = [line.split(":", 2)[2].strip() for line in f if line.split(":")[1] == "pids"]
+        assert placed == [f"/corral-test-thread-{os.getpid()}"], placed
+    finally:
+        done.set()
+        thread.join()
+        os.rmdir(elsewhere)

@@ -176,7 +176,13 @@ class Agent:
             os.chdir("/")
         pidfd = -1
         if self.use_pidfd:
-            pidfd = os.pidfd_open(pid)
+            try:
+                pidfd = os.pidfd_open(pid)
+            except OSError as exc:  # out of descriptors: a command we could not watch must not run
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                self._fail(status_fd, exc.errno or errno.EMFILE, argv[0])
+                return False
             self.poller.register(pidfd, select.POLLIN)
         running = Exec(int(message["id"]), pid, status_fd, (stdout_fd, stderr_fd), pidfd)
         self.running[pid] = running

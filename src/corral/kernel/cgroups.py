@@ -412,28 +412,37 @@ _prefetch_in_flight = False
 def start_attach_prefetch() -> None:
     """Start now, in the background, the wait the next cgroup attach would otherwise pay.
 
-    Moving a process into a cgroup takes a kernel-wide lock whose first writer waits for an RCU
-    grace period (6-20 ms on the development VM); writers that follow within about a grace period
-    pass at once (0.1 ms). Writing our own pid into the cgroup we are already in moves nothing
-    but starts that wait, in a thread, while corral is still building the sandbox. Best effort:
-    a failure only loses the head start. Hosts with cgroup2's `favordynmods` never wait.
+    Moving a task into a cgroup takes a kernel-wide lock whose first writer waits for an RCU grace
+    period (6-20 ms on the development VM); writers that follow within about a grace period pass
+    at once (0.1 ms). A thread of ours moving itself into the cgroup it is already in moves
+    nothing but starts that wait, while corral is still building the sandbox. Only that thread
+    is named (a thread id in `tasks` or `cgroup.threads`), so a caller's own placement of its
+    threads is never touched. Best effort: a failure only loses the head start.
     """
     global _prefetch_in_flight
     if _prefetch_in_flight:
         return
     try:
-        mounts, own = _cgroup_mounts(), _own_cgroups()
+        # The new thread starts in its creator's cgroups: this thread's, not the process leader's.
+        mounts, own = _cgroup_mounts(), _own_cgroups("/proc/thread-self/cgroup")
     except OSError:
         return
     for hierarchy, key in (("pids", "pids"), ("memory", "memory"), ("unified", "")):
         if hierarchy in mounts and key in own:
-            procs = _join(mounts[hierarchy], own[key], "cgroup.procs")
-            if os.access(procs, os.W_OK):
+            directory = _join(mounts[hierarchy], own[key])
+            name = "tasks"
+            if hierarchy == "unified":
+                threaded = _read(os.path.join(directory, "cgroup.type")).strip() in ("threaded", "domain threaded")
+                # Outside a threaded subtree a process's threads share one cgroup: naming one moves
+                # the process, into the cgroup it is in.
+                name = "cgroup.threads" if threaded else "cgroup.procs"
+            target = os.path.join(directory, name)
+            if os.access(target, os.W_OK):
                 break
     else:
         return
     try:
-        fd = os.open(procs, os.O_WRONLY | os.O_CLOEXEC)
+        fd = os.open(target, os.O_WRONLY | os.O_CLOEXEC)
     except OSError:
         return
     import _thread
@@ -441,16 +450,19 @@ def start_attach_prefetch() -> None:
     _prefetch_in_flight = True
     running = _thread.allocate_lock()
     running.acquire()
-    _thread.start_new_thread(_write_own_pid, (fd, running))
+    _thread.start_new_thread(_move_this_thread, (fd, running))
     # Wait until the thread is in its write: left to the GIL it could wait up to 5 ms to start.
     running.acquire()
 
 
-def _write_own_pid(fd: int, running: _thread.LockType) -> None:
+def _move_this_thread(fd: int, running: _thread.LockType) -> None:
     global _prefetch_in_flight
+    import _thread
+
+    tid = str(_thread.get_native_id()).encode()
     running.release()
     try:
-        os.write(fd, str(os.getpid()).encode())
+        os.write(fd, tid)
     except OSError:
         pass
     finally:
@@ -476,10 +488,10 @@ def _cgroup_mounts() -> dict[str, str]:
     return found
 
 
-def _own_cgroups() -> dict[str, str]:
-    """controller -> this process's cgroup path; "" for the unified hierarchy."""
+def _own_cgroups(source: str = "/proc/self/cgroup") -> dict[str, str]:
+    """controller -> this process's (or `source`'s) cgroup path; "" for the unified hierarchy."""
     own: dict[str, str] = {}
-    with open("/proc/self/cgroup", encoding="utf-8") as f:
+    with open(source, encoding="utf-8") as f:
         for line in f:
             _, controllers, path = line.rstrip("\n").split(":", 2)
             for controller in controllers.split(",") if controllers else [""]:
