@@ -86,3 +86,12 @@ def test_the_agent_survives_signals_and_commands_get_default_dispositions(sandbo
     r = sandbox.exec(["/bin/sh", "-c", "(yes; echo $? >&2) | head -c 1 >/dev/null"])
     assert r.ok and r.stderr.strip() == str(128 + signal.SIGPIPE).encode(), r
     assert sandbox.exec(["/bin/true"]).ok
+
+
+def test_a_command_killing_everything_it_can_leaves_the_sandbox_usable(sandbox: corral.Sandbox) -> None:
+    # `kill -9 -1` signals every process the command may signal; the agent, the pid namespace's
+    # init, is the one the kernel spares, so the sandbox keeps working.
+    sandbox.exec(["/bin/sh", "-c", "sleep 100 & kill -9 -1; sleep 1"])
+    r = sandbox.exec(["/bin/sh", "-c", "echo still here"])
+    assert r.ok and r.stdout == b"still here\n", r
+    assert _others(sandbox) == []
