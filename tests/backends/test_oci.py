@@ -157,7 +157,6 @@ def test_oci_config_exact() -> None:
             "rlimits": [
                 {"type": "RLIMIT_CORE", "hard": 0, "soft": 0},
                 {"type": "RLIMIT_FSIZE", "hard": 1 << 20, "soft": 1 << 20},
-                {"type": "RLIMIT_NOFILE", "hard": 64, "soft": 64},
             ],
             "noNewPrivileges": True,
         },

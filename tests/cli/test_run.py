@@ -161,3 +161,11 @@ def test_no_command(workdir: Path) -> None:
 def test_version_and_help() -> None:
     assert corral_cli("--version").stdout.startswith(b"corral ")
     assert b"--memory SIZE" in corral_cli("run", "--help").stdout
+
+
+def test_a_small_open_files_limit_binds_the_command_not_the_sandbox_set_up(workdir: Path) -> None:
+    """Set while bubblewrap still built the sandbox, the limit failed bubblewrap's own opens and the
+    sandbox refused to start now and then. Each run must start and see exactly the limit."""
+    for _ in range(12):
+        r = corral_cli("run", "--open-files", "16", "--", "sh", "-c", "ulimit -n; ulimit -Hn", cwd=workdir)
+        assert r.returncode == 0 and r.stdout.split() == [b"16", b"16"], r

@@ -36,8 +36,9 @@ if TYPE_CHECKING:
 
 # Imported at boot, before the VM's state is saved, so that restored sandboxes do not pay for it.
 if __package__:
-    from corral.agent import netmux, stream
+    from corral.agent import blockwait, netmux, stream
 else:  # run as a script: stream.py and netmux.py sit next to us in the initramfs
+    import blockwait  # type: ignore[import-not-found,no-redef]
     import netmux  # type: ignore[import-not-found,no-redef]
     import stream  # type: ignore[import-not-found,no-redef]
 
@@ -313,7 +314,10 @@ class GuestAgent:
                 raise OSError(errno.ESRCH, "bubblewrap did not report the sandbox's pid")
             _write(ex.cgroup + "/cgroup.procs", str(child))
             what = "its rlimits"
-            self._rlimits(child, msg.get("rlimits", {}))
+            rlimits = msg.get("rlimits", {})
+            if "RLIMIT_NOFILE" in rlimits:  # not while bubblewrap sets up: its own opens would fail
+                blockwait.wait_until_blocked(child, FD_BLOCK)
+            self._rlimits(child, rlimits)
             if self.net is not None:
                 what = "a listener for the network proxy in its namespace"
                 self.net.listen_in(child, ident)

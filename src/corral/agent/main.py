@@ -66,11 +66,13 @@ class Agent:
         # A command's end wakes us through its pidfd: no signal to deliver, no wake-up pipe to drain.
         # Without pidfds (Python < 3.9, Linux < 5.3, some gVisor versions) SIGCHLD does it.
         self.use_pidfd = pidfds and _pidfds_work()
+        self.command_rlimits: dict[str, int] = {}  # set on each command, not on us (hello)
 
     # ---------------------------------------------------------------- set-up
     def hello(self, message: dict, seccomp_program: bytes) -> None:  # type: ignore[type-arg]
         """Confine ourselves as the host asks, then say we are ready. Any failure propagates."""
         info = {"ready": True, "pid": os.getpid(), "landlock": 0}
+        self.command_rlimits = {str(k): int(v) for k, v in (message.get("command_rlimits") or {}).items()}
         confine.set_child_subreaper()
         if message.get("rlimits"):
             confine.set_rlimits(message["rlimits"])
@@ -168,7 +170,10 @@ class Agent:
             (os.POSIX_SPAWN_DUP2, stderr_fd, 2),
         ]
         try:
-            pid = os.posix_spawn(path, argv, env, file_actions=actions, setsid=True, setsigmask=())
+            if self.command_rlimits:
+                pid = self._fork_exec(path, argv, env, stdin_fd, stdout_fd, stderr_fd)
+            else:
+                pid = os.posix_spawn(path, argv, env, file_actions=actions, setsid=True, setsigmask=())
         except OSError as exc:
             self._fail(status_fd, exc.errno or errno.EIO, argv[0])
             return False
@@ -188,6 +193,45 @@ class Agent:
         self.running[pid] = running
         self.by_id[running.id] = running
         return True
+
+    def _fork_exec(self, path: str, argv: list, env: dict, stdin_fd, stdout_fd: int, stderr_fd: int) -> int:  # type: ignore[type-arg,no-untyped-def]
+        """posix_spawn's work plus the command's rlimits, set in the child before it execs (posix_spawn
+        cannot set them, and set on us they would bind the agent too). A failed exec comes back as OSError."""
+        import resource
+
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:  # the child: only system calls from here to execve
+            code = errno.EIO
+            try:
+                os.setsid()
+                os.dup2(stdin_fd if stdin_fd is not None else self.null_fd, 0)
+                os.dup2(stdout_fd, 1)
+                os.dup2(stderr_fd, 2)
+                for name, value in self.command_rlimits.items():
+                    which = getattr(resource, name)
+                    hard = resource.getrlimit(which)[1]
+                    value = value if hard == resource.RLIM_INFINITY else min(value, hard)
+                    resource.setrlimit(which, (value, value))
+                signal.pthread_sigmask(signal.SIG_SETMASK, ())
+                os.execve(path, argv, env)
+            except OSError as exc:
+                code = exc.errno or errno.EIO
+            finally:
+                try:
+                    os.write(err_w, str(code).encode())
+                finally:
+                    os._exit(127)
+        os.close(err_w)
+        try:
+            failed = os.read(err_r, 16)
+        finally:
+            os.close(err_r)
+        if failed:
+            os.waitpid(pid, 0)
+            code = int(failed)
+            raise OSError(code, os.strerror(code))
+        return pid
 
     def _fail(self, status_fd: int, err: int, subject: str, what: str = "command") -> None:
         protocol.write_status(status_fd, {"error": os.strerror(err), "errno": err, "subject": subject, "what": what})

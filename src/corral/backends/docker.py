@@ -329,8 +329,9 @@ class DockerBackend(Backend):
                         target=m.dest, source=m.source, type="bind", read_only=m.readonly, propagation="rprivate"
                     )
                 )
-        # No engine ulimits: the agent sets the core, file-size and open-files rlimits on itself before
-        # it runs anything (and Podman adds its own nofile and nproc defaults next to any given here).
+        # No engine ulimits: the agent sets the core and file-size rlimits on itself before it runs
+        # anything, and the open-files limit on each command (and Podman adds its own nofile and
+        # nproc defaults next to any given here).
         host_config: dict[str, object] = {
             "mounts": binds,
             "tmpfs": tmpfs,

@@ -257,8 +257,9 @@ def oci_config(
 ) -> dict[str, object]:
     """An OCI runtime `config.json` (spec 1.0.2) running `args` in the layout `mounts` describes.
 
-    No capabilities at all, no_new_privs, a read-only root, the file-size, open-files and core
-    rlimits, memory (without swap), pids and cpu limits, and a pid, ipc, uts and mount namespace,
+    No capabilities at all, no_new_privs, a read-only root, the file-size and core rlimits (the agent
+    sets the open-files limit on each command), memory (without swap), pids and cpu limits, and a pid,
+    ipc, uts and mount namespace,
     plus a network namespace unless the policy's network is `host`. The seccomp filter is corral's
     own, loaded by the agent before it runs anything (it stacks on whatever the runtime adds).
     `pids_cgroup` False leaves the pids limit out of the resources, for runtimes (runsc) whose
@@ -268,8 +269,8 @@ def oci_config(
     rlimits: list[dict[str, object]] = [{"type": "RLIMIT_CORE", "hard": 0, "soft": 0}]
     if limits.file_size is not None:
         rlimits.append({"type": "RLIMIT_FSIZE", "hard": limits.file_size, "soft": limits.file_size})
-    if limits.open_files is not None:
-        rlimits.append({"type": "RLIMIT_NOFILE", "hard": limits.open_files, "soft": limits.open_files})
+    # No RLIMIT_NOFILE: the process is corral's agent, which gives each command the open-files limit
+    # (under it the agent itself, holding a few descriptors per running command, would run out).
     oci_mounts: list[dict[str, object]] = [
         {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
         {

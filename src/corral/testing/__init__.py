@@ -132,6 +132,33 @@ def check_live_sandbox_shares_state(backend: Backend, workdir: str) -> None:
     live.stop()  # idempotent
 
 
+def check_open_files_limit_binds_each_command(backend: Backend, workdir: str) -> None:
+    """The open-files limit is each command's (hard and soft), and concurrent commands under a small
+    one do not starve the sandbox's own machinery of descriptors."""
+    _needs(backend, "limits.open_files")
+    import threading
+
+    live = backend.start(_policy(workdir, open_files=16), sandbox_id="conformance")
+    try:
+        r = live.exec(["/bin/sh", "-c", "ulimit -n; ulimit -Hn; (ulimit -n 17) 2>/dev/null && echo raised; exit 0"])
+        assert r.ok and r.stdout.split() == [b"16", b"16"], r
+        results: dict[int, Result] = {}
+
+        def run(i: int) -> None:
+            results[i] = live.exec(["/bin/sh", "-c", f"sleep 0.3; echo {i}"])
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(5)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for i in range(5):
+            assert results[i].ok and results[i].stdout == f"{i}\n".encode(), results[i]
+        assert live.exec(["/bin/true"]).ok
+    finally:
+        live.stop()
+
+
 CHECKS: list[Check] = [
     check_exit_and_output,
     check_stdin,
@@ -144,6 +171,7 @@ CHECKS: list[Check] = [
     check_output_limit,
     check_memory_limit,
     check_live_sandbox_shares_state,
+    check_open_files_limit_binds_each_command,
 ]
 
 

@@ -215,7 +215,7 @@ class NamespaceBackend(Backend):
         from corral.backends.live import AgentSandbox
 
         python, extras = agent_python()
-        hello: dict[str, object] = {"landlock": landlock_rules(rp)}
+        hello: dict[str, object] = {"landlock": landlock_rules(rp), "command_rlimits": command_rlimits(rp)}
         proxy: SandboxProxy | None = None
         if rp.network.mode == "allow":
             proxy, rp, extras = self._start_proxy(rp, extras, events)
@@ -259,6 +259,11 @@ class NamespaceBackend(Backend):
             raise
         return AgentSandbox(backend=self.name, sandbox_id=sandbox_id, rp=rp, client=client,
                             cgroup=launched.cgroup, teardown=teardown)  # fmt: skip
+
+
+def command_rlimits(rp: ResolvedPolicy) -> dict[str, int]:
+    """The rlimits corral's agent sets on each command it starts (and not on itself)."""
+    return {} if rp.limits.open_files is None else {"RLIMIT_NOFILE": rp.limits.open_files}
 
 
 def shell_to_subprocess(code: int) -> int:

@@ -117,6 +117,11 @@ def _run_version(path: str) -> tuple[int, ...] | None:
     return _parse_version(words[-1]) if words else None
 
 
+# Limits corral's agent applies to each command rather than to itself: under an open-files limit
+# the agent, which holds a few descriptors per running command, would run out and die.
+COMMAND_RLIMITS = ("RLIMIT_NOFILE",)
+
+
 def rlimits_for(rp: ResolvedPolicy, cgroup_controllers: frozenset[str], *, own_userns: bool = False) -> dict[str, int]:
     """rlimits to apply: the file limits always, pids and memory only where no cgroup enforces them."""
     limits = rp.limits
@@ -273,6 +278,13 @@ def launch(
             cgroup.attach(sandbox_pid)
         controllers = host.controllers if cgroup is not None and host is not None else frozenset()
         rlimits = rlimits_for(rp, controllers, own_userns=True)
+        if as_pid_1:  # corral's agent: it gives each command the descriptor limit (see COMMAND_RLIMITS)
+            rlimits = {name: value for name, value in rlimits.items() if name not in COMMAND_RLIMITS}
+        elif "RLIMIT_NOFILE" in rlimits:
+            # Lowered while bubblewrap still sets up, the limit would fail its own opens (EMFILE).
+            from corral.agent.blockwait import wait_until_blocked
+
+            wait_until_blocked(sandbox_pid, block_r)
         apply_rlimits(sandbox_pid, rlimits)
         os.write(block_w, b"1")
         os.close(block_w)
