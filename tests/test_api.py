@@ -107,3 +107,23 @@ def test_bad_backend_and_unsupported_policy(policy: corral.Policy) -> None:
 def test_weaker_backend_when_accepted(policy: corral.Policy) -> None:
     with corral.Sandbox(policy, backend="process", allow_weaker=True) as sb:
         assert sb.weaker and sb.exec(["true"]).ok
+
+
+def test_a_full_sandbox_names_the_pids_limit_for_a_command_it_cannot_start(policy: corral.Policy) -> None:
+    import threading
+
+    with corral.Sandbox(policy.with_limits(pids=3), backend="namespace") as sb:
+        results: list[corral.Result] = []
+
+        def run() -> None:
+            results.append(sb.exec(["/bin/sh", "-c", "sleep 1"]))
+
+        threads = [threading.Thread(target=run) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        refused = [r for r in results if "not started" in r.detail]
+        assert refused, results
+        assert all(r.reason == "pids" and "pids limit (3)" in r.detail and r.returncode == 126 for r in refused)
+        assert sb.exec(["/bin/true"]).ok

@@ -78,7 +78,7 @@ class AgentSandbox(LiveSandbox):
             raise SandboxLost(f"sandbox {self.id} died while running {argv[0]!r}")
         if reply.error is not None:
             return not_started(argv, reply.errno, reply.error, what=str(reply.raw.get("what", "command")),
-                               subject=str(reply.raw.get("subject", argv[0])))  # fmt: skip
+                               subject=str(reply.raw.get("subject", argv[0])), pids_limit=limits.pids)  # fmt: skip
         returncode = reply.returncode
         assert returncode is not None
         # Peak memory per exec comes from the agent's wait4 (the command and what it waited for);

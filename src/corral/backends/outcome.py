@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 
 SIGKILL = 9
 SIGXFSZ = 25
+EAGAIN = 11
 
 
 def classify(
@@ -72,9 +73,16 @@ def classify(
     )
 
 
-def not_started(argv: Sequence[str], errno_: int, error: str, *, what: str, subject: str) -> Result:
-    """A command the sandbox could not start: 127 when missing, 126 otherwise (as shells do)."""
+def not_started(
+    argv: Sequence[str], errno_: int, error: str, *, what: str, subject: str, pids_limit: int | None = None
+) -> Result:
+    """A command the sandbox could not start: 127 when missing, 126 otherwise (as shells do).
+    EAGAIN under a pids limit means the sandbox is full: the Result names the limit."""
     code = 127 if errno_ == 2 and what == "command" else 126
+    if what == "command" and errno_ == EAGAIN and pids_limit is not None:
+        message = f"corral: {subject}: not started, the pids limit ({pids_limit}) was reached"
+        return Result(argv=argv, returncode=code, reason="pids", detail=message[len("corral: ") :],
+                      stderr=(message + "\n").encode())  # fmt: skip
     if what == "command":
         message = f"corral: {subject}: command not found" if code == 127 else f"corral: {subject}: {error}"
     else:
