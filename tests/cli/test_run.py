@@ -169,3 +169,16 @@ def test_a_small_open_files_limit_binds_the_command_not_the_sandbox_set_up(workd
     for _ in range(12):
         r = corral_cli("run", "--open-files", "16", "--", "sh", "-c", "ulimit -n; ulimit -Hn", cwd=workdir)
         assert r.returncode == 0 and r.stdout.split() == [b"16", b"16"], r
+
+
+def test_a_reader_that_stops_early_gets_no_traceback(workdir: Path) -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "corral", "run", "--json", "--", "sh", "-c", "echo out"],
+                            cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # before corral prints its JSON: its write meets a closed pipe
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 141, err
+    assert b"Traceback" not in err, err

@@ -61,6 +61,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = exc.exit_code
     except KeyboardInterrupt:
         code = 130
+    except BrokenPipeError:
+        # Whoever reads our output stopped (`corral ... | head`): end quietly, as SIGPIPE would.
+        _silence_stdout()
+        code = 128 + 13
     if argv is None:
         # Leave at once after `run`: everything it opened is closed and waited for, so the
         # interpreter's clean-up (2-4 ms of a 30 ms budget) has nothing to do; and wasmtime's I/O
@@ -69,6 +73,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             _exit_now(code)
         sys.exit(code)
     return code
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing what is still buffered cannot fail again."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 def _exit_now(code: int) -> None:
