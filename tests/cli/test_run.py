@@ -175,8 +175,9 @@ def test_a_reader_that_stops_early_gets_no_traceback(workdir: Path) -> None:
     import subprocess
     import sys
 
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # buffered, as by default
     proc = subprocess.Popen([sys.executable, "-m", "corral", "run", "--json", "--", "sh", "-c", "echo out"],
-                            cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+                            cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
     assert proc.stdout is not None and proc.stderr is not None
     proc.stdout.close()  # before corral prints its JSON: its write meets a closed pipe
     err = proc.stderr.read()

@@ -56,6 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         code = _dispatch(args)
+        sys.stdout.flush()  # here, so that a reader gone early is seen below and not at exit
     except CorralError as exc:
         _error(str(exc))
         code = exc.exit_code
