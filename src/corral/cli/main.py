@@ -64,7 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = 130
     except BrokenPipeError:
         # Whoever reads our output stopped (`corral ... | head`): end quietly, as SIGPIPE would.
-        _silence_stdout()
+        if argv is None:  # our own process's stdout, not a caller's
+            _silence_stdout()
         code = 128 + 13
     if argv is None:
         # Leave at once after `run`: everything it opened is closed and waited for, so the
