@@ -197,7 +197,7 @@ class Agent:
     def _fork_exec(self, path: str, argv: list, env: dict, stdin_fd, stdout_fd: int, stderr_fd: int) -> int:  # type: ignore[type-arg,no-untyped-def]
         """posix_spawn's work plus the command's rlimits, set in the child before it execs (posix_spawn
         cannot set them, and set on us they would bind the agent too). A failed exec comes back as OSError."""
-        import resource
+        import resource  # noqa: F401  (loaded before the fork: the child only makes system calls)
 
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         pid = os.fork()
@@ -208,11 +208,7 @@ class Agent:
                 os.dup2(stdin_fd if stdin_fd is not None else self.null_fd, 0)
                 os.dup2(stdout_fd, 1)
                 os.dup2(stderr_fd, 2)
-                for name, value in self.command_rlimits.items():
-                    which = getattr(resource, name)
-                    hard = resource.getrlimit(which)[1]
-                    value = value if hard == resource.RLIM_INFINITY else min(value, hard)
-                    resource.setrlimit(which, (value, value))
+                confine.set_rlimits(self.command_rlimits)
                 signal.pthread_sigmask(signal.SIG_SETMASK, ())
                 os.execve(path, argv, env)
             except OSError as exc:

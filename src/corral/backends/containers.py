@@ -150,13 +150,11 @@ def hello_for(
     """The agent's confinement: file-size and core rlimits (open files per command), and those standing in for
     the limits no cgroup holds (the engine's cgroup holds memory, pids and cpu), Landlock where
     given and available, and corral's seccomp filter, which stacks on the engine's own."""
-    from corral.backends.namespace.backend import command_rlimits
-    from corral.backends.namespace.launch import COMMAND_RLIMITS, rlimits_for
+    from corral.backends.namespace.launch import command_rlimits, rlimits_for
     from corral.kernel.seccomp import build_filter
 
-    rlimits = rlimits_for(rp, cgroup_controllers)
     hello: dict[str, object] = {
-        "rlimits": {name: value for name, value in rlimits.items() if name not in COMMAND_RLIMITS},
+        "rlimits": rlimits_for(rp, cgroup_controllers, agent=True),
         "command_rlimits": command_rlimits(rp),
     }
     if landlock:

@@ -59,8 +59,7 @@ class HostAgentBackend(Backend):
     def start(self, rp: ResolvedPolicy, *, sandbox_id: str, events: EventSink | None = None) -> LiveSandbox:
         from corral.agent.client import AgentClient
         from corral.backends.live import AgentSandbox
-        from corral.backends.namespace.backend import command_rlimits
-        from corral.backends.namespace.launch import COMMAND_RLIMITS, rlimits_for
+        from corral.backends.namespace.launch import command_rlimits, rlimits_for
         from corral.kernel.spawn import Child, memfd_with, spawn
 
         if rp.limits.cpus is not None and "cpu" not in self.cgroups.controllers:
@@ -104,8 +103,8 @@ class HostAgentBackend(Backend):
             if cgroup is not None:
                 cgroup.attach(child.pid)
             hello, program = self.hello(rp, private, proxy_port=proxy.port if proxy is not None else None)
-            rlimits = rlimits_for(rp, self.cgroups.controllers if cgroup is not None else frozenset())
-            hello["rlimits"] = {name: value for name, value in rlimits.items() if name not in COMMAND_RLIMITS}
+            controllers = self.cgroups.controllers if cgroup is not None else frozenset()
+            hello["rlimits"] = rlimits_for(rp, controllers, agent=True)
             hello["command_rlimits"] = command_rlimits(rp)
             client = AgentClient(host_sock)
             client.handshake(hello, fds=[memfd_with("corral-seccomp", program)] if program else [])

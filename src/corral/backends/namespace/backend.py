@@ -8,7 +8,7 @@ import time
 
 from corral.backends.base import Backend, Capabilities, LiveSandbox, Result
 from corral.backends.namespace.argv import AGENT_DIR, PROXY_PORT, PROXY_SOCKET, PYTHON_DIR, Extras
-from corral.backends.namespace.launch import Bwrap, find_bwrap, launch
+from corral.backends.namespace.launch import Bwrap, command_rlimits, find_bwrap, launch
 from corral.backends.outcome import classify, not_started
 from corral.errors import BackendUnavailable, LaunchError
 
@@ -259,11 +259,6 @@ class NamespaceBackend(Backend):
             raise
         return AgentSandbox(backend=self.name, sandbox_id=sandbox_id, rp=rp, client=client,
                             cgroup=launched.cgroup, teardown=teardown)  # fmt: skip
-
-
-def command_rlimits(rp: ResolvedPolicy) -> dict[str, int]:
-    """The rlimits corral's agent sets on each command it starts (and not on itself)."""
-    return {} if rp.limits.open_files is None else {"RLIMIT_NOFILE": rp.limits.open_files}
 
 
 def shell_to_subprocess(code: int) -> int:

@@ -122,8 +122,11 @@ def _run_version(path: str) -> tuple[int, ...] | None:
 COMMAND_RLIMITS = ("RLIMIT_NOFILE",)
 
 
-def rlimits_for(rp: ResolvedPolicy, cgroup_controllers: frozenset[str], *, own_userns: bool = False) -> dict[str, int]:
-    """rlimits to apply: the file limits always, pids and memory only where no cgroup enforces them."""
+def rlimits_for(
+    rp: ResolvedPolicy, cgroup_controllers: frozenset[str], *, own_userns: bool = False, agent: bool = False
+) -> dict[str, int]:
+    """rlimits to apply: the file limits always, pids and memory only where no cgroup enforces them.
+    `agent`: for corral's agent itself, which gives each command `command_rlimits` instead."""
     limits = rp.limits
     out: dict[str, int] = {"RLIMIT_CORE": 0}
     if limits.file_size is not None:
@@ -134,7 +137,15 @@ def rlimits_for(rp: ResolvedPolicy, cgroup_controllers: frozenset[str], *, own_u
         out["RLIMIT_NPROC"] = limits.pids
     if limits.memory is not None and "memory" not in cgroup_controllers:
         out["RLIMIT_DATA"] = limits.memory
+    if agent:
+        for name in COMMAND_RLIMITS:
+            out.pop(name, None)
     return out
+
+
+def command_rlimits(rp: ResolvedPolicy) -> dict[str, int]:
+    """The rlimits corral's agent sets on each command it starts (and not on itself)."""
+    return {} if rp.limits.open_files is None else {"RLIMIT_NOFILE": rp.limits.open_files}
 
 
 def needs_cgroup(limits: Limits, *, want_pids_cgroup: bool = False) -> bool:
@@ -235,7 +246,8 @@ def launch(
     cgroup: Cgroup | None = None
     monitor: Child | None = None
     sandbox_pid: int | None = None
-    if needs_cgroup(rp.limits, want_pids_cgroup=want_pids_cgroup):
+    wants_cgroup = needs_cgroup(rp.limits, want_pids_cgroup=want_pids_cgroup)
+    if wants_cgroup:
         from corral.kernel.cgroups import start_attach_prefetch
 
         start_attach_prefetch()  # the attach's wait then overlaps building and starting the sandbox
@@ -271,16 +283,14 @@ def launch(
             opened.remove(fd)
         # The cgroup is made while bubblewrap sets the sandbox up (its command waits on the block
         # fd until it is inside): making it can wait for the attach prefetch's grace period.
-        if host is not None and host.mode != "none" and needs_cgroup(limits, want_pids_cgroup=want_pids_cgroup):
+        if host is not None and host.mode != "none" and wants_cgroup:
             cgroup = host.create(limits)
         sandbox_pid = _read_child_pid(status_r, monitor)
         if cgroup is not None:
             cgroup.attach(sandbox_pid)
         controllers = host.controllers if cgroup is not None and host is not None else frozenset()
-        rlimits = rlimits_for(rp, controllers, own_userns=True)
-        if as_pid_1:  # corral's agent: it gives each command the descriptor limit (see COMMAND_RLIMITS)
-            rlimits = {name: value for name, value in rlimits.items() if name not in COMMAND_RLIMITS}
-        elif "RLIMIT_NOFILE" in rlimits:
+        rlimits = rlimits_for(rp, controllers, own_userns=True, agent=as_pid_1)  # pid 1 is corral's agent
+        if "RLIMIT_NOFILE" in rlimits:
             # Lowered while bubblewrap still sets up, the limit would fail its own opens (EMFILE).
             from corral.agent.blockwait import wait_until_blocked
 
