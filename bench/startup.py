@@ -30,11 +30,13 @@ def same_sandbox_bwrap(policy: corral.Policy) -> None:
     from corral.backends.namespace.argv import LaunchFds, bwrap_argv
     from corral.kernel.seccomp import build_filter
     from corral.kernel.spawn import memfd_with
-    from corral.policy.resolve import resolve
+    from corral.policy.resolve import open_etc_copy, resolve
 
     rp = resolve(policy)
     seccomp = memfd_with("s", build_filter())
-    etc = [(name, memfd_with("e", data)) for name, data in rp.etc_files]
+    copies = [(name, open_etc_copy(name)) for name in rp.etc_copies]
+    etc = [(name, fd) for name, fd in copies if fd is not None]
+    etc += [(name, memfd_with("e", data)) for name, data in rp.etc_files]
     status_r, status_w = os.pipe()
     block_r, block_w = os.pipe()
     os.close(block_w)  # at EOF: bubblewrap does not wait

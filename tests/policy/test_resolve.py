@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from corral import ConfigError, Policy, Zone
-from corral.policy.resolve import resolve
+from corral.policy.resolve import open_etc_copy, resolve
 
 
 def test_missing_host_path_is_named(tmp_path: Path) -> None:
@@ -38,10 +38,22 @@ def test_symlinked_zone_is_bound_by_its_real_path(tmp_path: Path) -> None:
 
 def test_minimal_etc_has_no_secrets(tmp_path: Path) -> None:
     rp = resolve(Policy.workspace(str(tmp_path)))
-    names = {name for name, _ in rp.etc_files} | {m.dest for m in rp.system}
+    names = {name for name, _ in rp.etc_files} | set(rp.etc_copies) | {m.dest for m in rp.system}
     assert "passwd" in names and "/etc/shadow" not in names and "shadow" not in names
     passwd = dict(rp.etc_files)["passwd"].decode()
     assert "sandbox:x:1000:1000" in passwd and passwd.count("\n") == 3
+
+
+def test_public_etc_copies_are_read_at_launch_and_never_a_secret(tmp_path: Path) -> None:
+    rp = resolve(Policy.workspace(str(tmp_path)))
+    assert "ld.so.cache" in rp.etc_copies and "localtime" not in rp.etc_copies  # a link stays a link
+    contents = dict(rp.etc_contents())
+    assert contents["ld.so.cache"] == Path("/etc/ld.so.cache").read_bytes() and "passwd" in contents
+    # Whatever a hand-made policy lists, only public names are opened.
+    assert open_etc_copy("shadow") is None and open_etc_copy("../etc/shadow") is None
+    forged = rp.replace(etc_copies=("shadow", "services"))
+    assert [name for name, _ in forged.etc_contents()][:1] == ["services"]
+    assert "shadow" not in dict(forged.etc_contents())
 
 
 def test_environment_is_clean(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -92,13 +92,15 @@ class Skeleton(Record):
 
 
 def identity_etc(rp: ResolvedPolicy, *, uid: int, gid: int) -> tuple[tuple[str, bytes], ...]:
-    """`rp.etc_files` with passwd and group naming `uid`/`gid` (the identity the container runs as).
+    """The sandbox's /etc files (`rp.etc_contents()`) with passwd and group naming `uid`/`gid` (the
+    identity the container runs as).
 
     A container shares the host's user ids (no per-container user namespace), so the sandbox user
     is the caller's uid; it keeps the policy's name and home directory.
     """
+    files = rp.etc_contents()
     if uid == rp.uid and gid == rp.gid:
-        return rp.etc_files
+        return files
     user = "root" if uid == 0 else "sandbox"
     passwd = f"{user}:x:{uid}:{gid}:corral sandbox:{rp.home}:/bin/sh\n"
     group = f"{user}:x:{gid}:\n"
@@ -109,7 +111,7 @@ def identity_etc(rp: ResolvedPolicy, *, uid: int, gid: int) -> tuple[tuple[str, 
     passwd += "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
     group += "nogroup:x:65534:\n"
     out = []
-    for name, content in rp.etc_files:
+    for name, content in files:
         if name == "passwd":
             content = passwd.encode()
         elif name == "group":
@@ -149,7 +151,7 @@ def container_mounts(
     if etc == "dir":
         assert etc_dir is not None
         mounts.append(MountSpec(kind="bind", source=etc_dir, dest="/etc", readonly=True))
-        names = {name for name, _ in rp.etc_files}
+        names = {*rp.etc_copies, *(name for name, _ in rp.etc_files)}
         for name in ENGINE_ETC:
             if name in names:
                 mounts.append(MountSpec(kind="bind", source=f"{etc_dir}/{name}", dest=f"/etc/{name}", readonly=True))

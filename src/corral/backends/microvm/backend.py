@@ -272,7 +272,7 @@ class MicrovmBackend(Backend):
             hello = {
                 "shares": [m.as_json() for m in layout.mounts],
                 "tmpfs": list(layout.tmpfs),
-                "etc": [[name, base64.b64encode(data).decode()] for name, data in rp.etc_files],
+                "etc": [[name, base64.b64encode(data).decode()] for name, data in layout.guest_rp.etc_files],
                 "seccomp": base64.b64encode(build_filter()).decode(),
                 "limits": {"memory": rp.limits.memory, "pids": rp.limits.pids, "cpus": rp.limits.cpus},
                 "entropy": base64.b64encode(os.urandom(64)).decode(),

@@ -103,7 +103,8 @@ def plan(rp: ResolvedPolicy, *, empty_dir: str, zone_slots: int = ZONE_SLOTS) ->
         j += 1
     for k in range(j, slots):
         shares.append(Share(tag=f"z{k}", path=empty_dir, readonly=True))
-    guest_rp = rp.replace(zones=tuple(zones), system=tuple(system))
+    # The guest gets /etc as contents (in its hello), the host's public copies included.
+    guest_rp = rp.replace(zones=tuple(zones), system=tuple(system), etc_copies=(), etc_files=rp.etc_contents())
     return Layout(shares=tuple(shares), mounts=tuple(mounts), tmpfs=tuple(tmpfs), guest_rp=guest_rp)
 
 

@@ -16,6 +16,7 @@ from corral.backends.namespace.argv import Extras, LaunchFds, bwrap_argv
 from corral.errors import BackendUnavailable, LaunchError, UnsupportedPolicy
 from corral.kernel.seccomp import build_filter
 from corral.kernel.spawn import Child, memfd_with, spawn
+from corral.policy.resolve import open_etc_copy
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -255,6 +256,11 @@ def launch(
         seccomp_fd = memfd_with("corral-seccomp", build_filter())
         opened.append(seccomp_fd)
         etc: list[tuple[str, int]] = []
+        for name in rp.etc_copies:  # bubblewrap reads the host's files itself
+            copy = open_etc_copy(name)
+            if copy is not None:
+                opened.append(copy)
+                etc.append((name, copy))
         for name, content in rp.etc_files:
             fd = memfd_with("corral-etc", content)
             opened.append(fd)
