@@ -1,4 +1,4 @@
-"""launch(): a sandbox whose limits cannot be applied never runs its command."""
+"""launch(): a sandbox whose limits cannot be applied never runs its command; finding bubblewrap."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from corral.backends.namespace.launch import find_bwrap, launch
+from corral.backends.namespace.launch import _system_version, find_bwrap, launch
 from corral.kernel.cgroups import Cgroup, CgroupHost
 from corral.policy.model import Limits, Policy
 from corral.policy.resolve import resolve
@@ -47,3 +47,19 @@ def test_a_failed_cgroup_attach_kills_the_sandbox_before_it_runs(workdir: Path) 
         if name.startswith(f"corral-{os.getpid()}-")
     ]
     assert mine == [], "the failed sandbox's cgroup was left behind"
+
+
+def test_a_system_bwrap_version_is_run_once_and_again_when_the_file_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    runs = tmp_path / "runs"
+    fake = tmp_path / "bwrap"
+    fake.write_text(f"#!/bin/sh\necho run >> {runs}\necho bubblewrap 0.9.0\n")
+    fake.chmod(0o755)
+    assert _system_version(str(fake)) == (0, 9, 0)
+    assert _system_version(str(fake)) == (0, 9, 0)
+    assert runs.read_text().count("run") == 1  # the second answer came from the cache
+    fake.write_text(f"#!/bin/sh\necho run >> {runs}\necho bubblewrap 0.10.0\n")  # an upgrade
+    assert _system_version(str(fake)) == (0, 10, 0)
+    assert runs.read_text().count("run") == 2

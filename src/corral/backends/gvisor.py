@@ -28,6 +28,7 @@ import time
 from corral.backends.base import Backend, Capabilities, LiveSandbox, Result
 from corral.backends.docker import ALWAYS, DockerBackend
 from corral.backends.live import AgentSandbox
+from corral.backends.registry import cached_lines, remember_lines
 from corral.errors import BackendUnavailable, LaunchError, SandboxLost, UnsupportedPolicy
 
 TYPE_CHECKING = False
@@ -238,17 +239,11 @@ class GVisorBackend(Backend):
         if self._platform is not None and not fresh:
             return self._platform
         runsc = self.runsc
-        cache = _platform_cache_path()
         key = f"{runsc.path}|{runsc.version}|{os.uname().release}|{os.getuid()}"
-        if not fresh and cache is not None:
-            try:
-                with open(cache, encoding="utf-8") as f:
-                    cached_key, _, cached = f.read().strip().rpartition("|")
-                if cached_key == key and cached in PLATFORMS:
-                    self._platform = cached
-                    return cached
-            except OSError:
-                pass
+        cached = None if fresh else cached_lines("gvisor-platform", key)
+        if cached and cached[0] in PLATFORMS:
+            self._platform = cached[0]
+            return cached[0]
         problems = []
         for candidate in runsc.platforms:
             if candidate == "kvm" and not os.access("/dev/kvm", os.R_OK | os.W_OK):
@@ -257,8 +252,7 @@ class GVisorBackend(Backend):
             problem = self._try_platform(candidate)
             if problem is None:
                 self._platform = candidate
-                if cache is not None:
-                    _write_atomic(cache, f"{key}|{candidate}\n")
+                remember_lines("gvisor-platform", key, [candidate])
                 return candidate
             problems.append(f"{candidate}: {problem}")
         raise BackendUnavailable(
@@ -638,24 +632,6 @@ def _state_root() -> str:
     if runtime_dir and os.path.isdir(runtime_dir):
         return os.path.join(runtime_dir, "corral", "runsc")
     return f"/tmp/corral-{os.getuid()}/runsc"
-
-
-def _platform_cache_path() -> str | None:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    if not base.startswith("/"):
-        return None
-    return os.path.join(base, "corral", "gvisor-platform.txt")
-
-
-def _write_atomic(path: str, text: str) -> None:
-    try:
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        tmp = f"{path}.{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except OSError:
-        pass
 
 
 def _run(argv: list[str], *, timeout: float) -> subprocess.CompletedProcess[str]:

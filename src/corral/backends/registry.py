@@ -80,14 +80,19 @@ def choose(name: str = "auto", *, min_backend: str | None = None, fresh: bool = 
 def probe(backend: Backend, *, fresh: bool = False) -> Capabilities:
     """`backend.probe()`, remembered across runs while the host stays the same."""
     key = _cache_key(backend.name)
-    path = _cache_path(backend.name)
-    if not fresh and path is not None:
-        cached = _read_cache(path, key)
-        if cached is not None:
-            return cached
+    name = f"probe-{backend.name}"
+    if not fresh:
+        lines = cached_lines(name, key)
+        if lines is not None and len(lines) >= 4:
+            from corral.backends.base import Capabilities
+
+            enforces = frozenset(x for x in lines[2].split(",") if x)
+            return Capabilities(name=lines[0], available=True, strength=int(lines[1]), enforces=enforces,
+                                limits_via=lines[3], notes=tuple(lines[4:]))  # fmt: skip
     caps = backend.probe()
-    if caps.available and path is not None:
-        _write_cache(path, key, caps)
+    if caps.available:
+        remember_lines(name, key, [caps.name, str(caps.strength), ",".join(sorted(caps.enforces)), caps.limits_via,
+                                   *caps.notes])  # fmt: skip
     return caps
 
 
@@ -104,32 +109,36 @@ def _cache_path(name: str) -> str | None:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     if not base.startswith("/"):
         return None
-    return os.path.join(base, "corral", f"probe-{name}.txt")
+    return os.path.join(base, "corral", f"{name}.txt")
 
 
-def _read_cache(path: str, key: str) -> Capabilities | None:
-    from corral.backends.base import Capabilities
+def cached_lines(name: str, key: str) -> list[str] | None:
+    """The lines `remember_lines(name, key, ...)` kept, or None when none were kept under `key`.
 
+    Only what worked is ever kept: a forged entry can make corral try something (a backend, a
+    gVisor platform, a bubblewrap it believes newer), never skip a check, and what fails still refuses.
+    """
+    path = _cache_path(name)
+    if path is None:
+        return None
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
     except OSError:
         return None
-    if len(lines) < 5 or lines[0] != key:
-        return None
-    enforces = frozenset(x for x in lines[3].split(",") if x)
-    return Capabilities(name=lines[1], available=True, strength=int(lines[2]), enforces=enforces,
-                        limits_via=lines[4], notes=tuple(lines[5:]))  # fmt: skip
+    return lines[1:] if lines and lines[0] == key else None
 
 
-def _write_cache(path: str, key: str, caps: Capabilities) -> None:
-    text = "\n".join([key, caps.name, str(caps.strength), ",".join(sorted(caps.enforces)), caps.limits_via,
-                      *caps.notes]) + "\n"  # fmt: skip
+def remember_lines(name: str, key: str, lines: list[str]) -> None:
+    """Keep `lines` under `key` in the user's cache directory (best effort: without it corral is only slower)."""
+    path = _cache_path(name)
+    if path is None:
+        return
     try:
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         tmp = f"{path}.{os.getpid()}"
         with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+            f.write("\n".join([key, *lines]) + "\n")
         os.replace(tmp, path)
     except OSError:
         pass
