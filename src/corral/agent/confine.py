@@ -1,4 +1,4 @@
-"""Confine the current process: no_new_privs, Landlock, a seccomp filter, rlimits.
+"""Confine the current process: no_new_privs, Landlock, a seccomp filter (rlimits: processes.py).
 
 Stdlib only and Python 3.8-compatible: the agent imports it inside sandboxes, where the only
 Python may be the system's. The host imports it too, to probe the kernel (`landlock_abi`).
@@ -243,15 +243,3 @@ def drop_capabilities() -> None:
     if number is None:
         raise ConfineError(95, "capset: unsupported architecture")
     _check(libc.syscall(number, ctypes.byref(header), ctypes.byref(data)), "capset")
-
-
-def set_rlimits(limits: dict) -> None:  # type: ignore[type-arg]
-    """Lower soft and hard limits, e.g. {"RLIMIT_FSIZE": 1048576}. Never raises a limit."""
-    import resource
-
-    for name, value in limits.items():
-        which = getattr(resource, name)
-        _soft, hard = resource.getrlimit(which)
-        value = int(value)
-        new_hard = value if hard == resource.RLIM_INFINITY else min(hard, value)
-        resource.setrlimit(which, (min(value, new_hard), new_hard))

@@ -36,10 +36,10 @@ if TYPE_CHECKING:
 
 # Imported at boot, before the VM's state is saved, so that restored sandboxes do not pay for it.
 if __package__:
-    from corral.agent import blockwait, netmux, stream
-else:  # run as a script: stream.py and netmux.py sit next to us in the initramfs
-    import blockwait  # type: ignore[import-not-found,no-redef]
+    from corral.agent import netmux, processes, stream
+else:  # run as a script: our siblings sit next to us in the initramfs
     import netmux  # type: ignore[import-not-found,no-redef]
+    import processes  # type: ignore[import-not-found,no-redef]
     import stream  # type: ignore[import-not-found,no-redef]
 
 PORT_NAME = "corral.agent"
@@ -138,14 +138,6 @@ def _memfd(name: str, data: bytes) -> int:
 def _write(path: str, value: str) -> None:
     with open(path, "w") as f:
         f.write(value)
-
-
-def _children_of(pid: int) -> list:  # type: ignore[type-arg]
-    try:
-        with open("/proc/%d/task/%d/children" % (pid, pid), "rb") as f:
-            return [int(p) for p in f.read().split()]
-    except OSError:
-        return []
 
 
 def _read_counter(path: str, key: str) -> int:
@@ -307,7 +299,7 @@ class GuestAgent:
         self.by_pid[ex.pid] = ex
         # bubblewrap writes the command's exit code here at the end: kept open until then (no SIGPIPE).
         ex.status_fd = status_r
-        child = self._child_pid(status_r, ex.pid)
+        child = self._child_pid(status_r)
         what = "its cgroup"
         try:
             if not child:
@@ -316,8 +308,8 @@ class GuestAgent:
             what = "its rlimits"
             rlimits = msg.get("rlimits", {})
             if "RLIMIT_NOFILE" in rlimits:  # not while bubblewrap sets up: its own opens would fail
-                blockwait.wait_until_blocked(child, FD_BLOCK)
-            self._rlimits(child, rlimits)
+                processes.wait_until_blocked(child, FD_BLOCK)
+            processes.set_rlimits(child, rlimits)
             if self.net is not None:
                 what = "a listener for the network proxy in its namespace"
                 self.net.listen_in(child, ident)
@@ -325,11 +317,7 @@ class GuestAgent:
             # The command must not start without its limits or its way to the proxy. Kill the
             # sandbox before closing the block fd: at that end of file bubblewrap would run it.
             ex.error = "cannot set up the command's sandbox (%s): %s" % (what, exc)
-            for pid in {child, *_children_of(ex.pid)} - {0}:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
+            processes.kill_unreleased(ex.pid, child)
             self.kill(ex, signal.SIGKILL)
             os.close(block_w)
             block_w = -1
@@ -342,11 +330,16 @@ class GuestAgent:
         if ex.stdin_fd >= 0:
             self.by_fd[ex.stdin_fd] = ex
 
-    def _child_pid(self, fd: int, bwrap_pid: int) -> int:
+    def _child_pid(self, fd: int) -> int:
         """The pid bubblewrap reports for the sandbox (0 if bubblewrap died first)."""
         data = b""
-        key = b'"child-pid":'
-        while b"}" not in data:
+        while True:
+            try:
+                pid = processes.bwrap_child_pid(data)
+            except ValueError:
+                return 0
+            if pid is not None:
+                return pid
             ready = select.select([fd], [], [], 30.0)[0]
             if not ready:
                 return 0
@@ -354,19 +347,6 @@ class GuestAgent:
             if not chunk:
                 return 0
             data += chunk
-        start = data.find(key)
-        if start < 0:
-            return 0
-        return int(data[start + len(key) :].split(b",")[0].split(b"}")[0].strip())
-
-    def _rlimits(self, pid: int, rlimits: dict) -> None:  # type: ignore[type-arg]
-        import resource
-
-        for name, value in rlimits.items():
-            which = getattr(resource, name)
-            _soft, hard = resource.prlimit(pid, which)
-            new_hard = value if hard == resource.RLIM_INFINITY else min(hard, value)
-            resource.prlimit(pid, which, (min(value, new_hard), new_hard))
 
     def stdin(self, ex: Exec, data: bytes) -> None:
         if ex.stdin_fd < 0:

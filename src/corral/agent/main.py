@@ -23,9 +23,10 @@ import sys
 import time
 
 if __package__:
-    from corral.agent import confine, protocol
+    from corral.agent import confine, processes, protocol
 else:  # run as a script inside the sandbox: its siblings are on sys.path
     import confine  # type: ignore[import-not-found,no-redef]
+    import processes  # type: ignore[import-not-found,no-redef]
     import protocol  # type: ignore[import-not-found,no-redef]
 
 # Caught rather than ignored: an ignored signal stays ignored across exec, so commands would need
@@ -75,7 +76,7 @@ class Agent:
         self.command_rlimits = {str(k): int(v) for k, v in (message.get("command_rlimits") or {}).items()}
         confine.set_child_subreaper()
         if message.get("rlimits"):
-            confine.set_rlimits(message["rlimits"])
+            processes.set_rlimits(0, message["rlimits"])
         if message.get("drop_capabilities"):
             confine.drop_capabilities()
         landlock = message.get("landlock")
@@ -208,7 +209,7 @@ class Agent:
                 os.dup2(stdin_fd if stdin_fd is not None else self.null_fd, 0)
                 os.dup2(stdout_fd, 1)
                 os.dup2(stderr_fd, 2)
-                confine.set_rlimits(self.command_rlimits)
+                processes.set_rlimits(0, self.command_rlimits)
                 signal.pthread_sigmask(signal.SIG_SETMASK, ())
                 os.execve(path, argv, env)
             except OSError as exc:
@@ -397,11 +398,10 @@ def _find_program(name: str, path_var: str, cwd: str):  # type: ignore[no-untype
 
 def _own_children() -> set:  # type: ignore[type-arg]
     pid = os.getpid()
-    try:
-        with open("/proc/%d/task/%d/children" % (pid, pid), "rb") as f:
-            return {int(p) for p in f.read().split()}
-    except OSError:  # no such file (gVisor, kernels without CONFIG_PROC_CHILDREN): scan /proc
+    children = processes.children_of(pid)
+    if children is None:  # gVisor, kernels without CONFIG_PROC_CHILDREN: scan /proc
         return {p for p, ppid, _sid in _processes() if ppid == pid}
+    return set(children)
 
 
 def _processes() -> list:  # type: ignore[type-arg]

@@ -378,7 +378,7 @@ def agent_sources() -> dict[str, bytes]:
 
     directory = os.path.dirname(os.path.realpath(corral.agent.__file__))
     out = {}
-    for name in ("guest.py", "stream.py", "netmux.py", "blockwait.py"):
+    for name in ("guest.py", "stream.py", "netmux.py", "processes.py"):
         with open(os.path.join(directory, name), "rb") as f:
             out[name] = f.read()
     return out

@@ -12,6 +12,7 @@ import select
 import sys
 import time
 
+from corral.agent.processes import bwrap_child_pid, kill_unreleased, set_rlimits, wait_until_blocked
 from corral.backends.namespace.argv import Extras, LaunchFds, bwrap_argv
 from corral.errors import BackendUnavailable, LaunchError, UnsupportedPolicy
 from corral.kernel.seccomp import build_filter
@@ -184,16 +185,6 @@ def nproc_is_per_sandbox() -> bool:
     return os.getuid() != 0
 
 
-def apply_rlimits(pid: int, rlimits: dict[str, int]) -> None:
-    import resource
-
-    for name, value in rlimits.items():
-        which = getattr(resource, name)
-        _soft, hard = resource.prlimit(pid, which)
-        new_hard = value if hard == resource.RLIM_INFINITY else min(hard, value)
-        resource.prlimit(pid, which, (min(value, new_hard), new_hard))
-
-
 class Launched:
     """A running bubblewrap: its monitor process, the sandbox's init pid, its cgroup."""
 
@@ -316,10 +307,8 @@ def launch(
         rlimits = rlimits_for(rp, controllers, own_userns=True, agent=as_pid_1)  # pid 1 is corral's agent
         if "RLIMIT_NOFILE" in rlimits:
             # Lowered while bubblewrap still sets up, the limit would fail its own opens (EMFILE).
-            from corral.agent.blockwait import wait_until_blocked
-
             wait_until_blocked(sandbox_pid, block_r)
-        apply_rlimits(sandbox_pid, rlimits)
+        set_rlimits(sandbox_pid, rlimits)
         os.write(block_w, b"1")
         os.close(block_w)
         opened.remove(block_w)
@@ -337,26 +326,10 @@ def launch(
 
 
 def _abandon(monitor: Child, sandbox_pid: int | None) -> None:
-    """Kill a sandbox that must not start, before its block fd is closed: at that end of file
-    bubblewrap would go on and run the command without what failed to apply (a cgroup, rlimits)."""
-    victims = set(_children_of(monitor.pid))
-    if sandbox_pid is not None:
-        victims.add(sandbox_pid)
-    for pid in victims:
-        try:
-            os.kill(pid, 9)
-        except ProcessLookupError:
-            pass
+    """Kill a sandbox that must not start, before its block fd is closed (see corral.agent.processes)."""
+    kill_unreleased(monitor.pid, sandbox_pid)
     monitor.kill()
     monitor.wait()
-
-
-def _children_of(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children", "rb") as f:
-            return [int(p) for p in f.read().split()]
-    except OSError:
-        return []
 
 
 def _read_child_pid(fd: int, monitor: Child) -> int:
@@ -364,7 +337,13 @@ def _read_child_pid(fd: int, monitor: Child) -> int:
     data = b""
     poller = select.poll()
     poller.register(fd, select.POLLIN)
-    while b"}" not in data:
+    while True:
+        try:
+            pid = bwrap_child_pid(data)
+        except ValueError as exc:
+            raise LaunchError(str(exc)) from None
+        if pid is not None:
+            return pid
         remaining = deadline - time.monotonic()
         if remaining <= 0 or not poller.poll(int(remaining * 1000) + 1):
             monitor.kill()
@@ -375,9 +354,3 @@ def _read_child_pid(fd: int, monitor: Child) -> int:
             status = monitor.wait()
             raise LaunchError(f"bubblewrap failed before starting the sandbox (exit status {status})")
         data += chunk
-    key = b'"child-pid":'
-    start = data.find(key)
-    if start < 0:
-        raise LaunchError(f"unexpected bubblewrap status: {data[:200]!r}")
-    digits = data[start + len(key) :].lstrip().split(b",")[0].split(b"}")[0].strip()
-    return int(digits)
