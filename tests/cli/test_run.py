@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import corral_cli, needs_memory_cgroup
+from tests.conftest import backend_works, corral_cli, needs_memory_cgroup
 
 pytestmark = pytest.mark.usefixtures("namespace_ok")
 
@@ -52,9 +52,15 @@ def test_write_outside_fails_and_host_is_untouched(workdir: Path) -> None:
     assert not os.path.exists("/root/corral-x")
 
 
-def test_not_found_is_127(workdir: Path) -> None:
-    r = corral_cli("run", "--", "no-such-program", cwd=workdir)
-    assert r.returncode == 127 and b"command not found" in r.stderr
+@pytest.mark.parametrize("backend", ["namespace", "landlock", "process"])
+def test_not_found_is_127_and_says_so(workdir: Path, backend: str) -> None:
+    works, why = backend_works(backend)
+    if not works:
+        pytest.skip(f"{backend}: {why}")
+    # The agent backends (landlock, process) used to exit 127 without a word.
+    weaker = ["--allow-weaker"] if backend == "process" else []
+    r = corral_cli("run", "--backend", backend, *weaker, "--", "no-such-program", cwd=workdir)
+    assert r.returncode == 127 and b"corral: no-such-program: command not found" in r.stderr, r.stderr
 
 
 def test_stdin_passes_through(workdir: Path) -> None:

@@ -11,7 +11,7 @@ Anyone can check a backend against this contract with `corral.testing.check_back
 from __future__ import annotations
 
 from corral._record import Record
-from corral.errors import UnsupportedPolicy
+from corral.errors import SandboxLost, UnsupportedPolicy
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -222,6 +222,8 @@ class LiveSandbox:
 
     backend: str
     id: str
+    rp: ResolvedPolicy
+    _stopped = False  # set by stop(): the sandbox takes no more commands
 
     def exec(
         self,
@@ -254,6 +256,20 @@ class LiveSandbox:
     def stop(self) -> None:
         """Kill everything inside and release every host resource. Idempotent."""
         raise NotImplementedError
+
+    def _check_exec(self, argv: Sequence[str]) -> None:
+        """What every exec checks first: a stopped sandbox is lost; an empty argv is the caller's mistake."""
+        if self._stopped:
+            raise SandboxLost(f"sandbox {self.id} was stopped")
+        if not argv:
+            raise ValueError("argv is empty")
+
+    def _command_env(self, env: Mapping[str, str] | None) -> dict[str, str]:
+        """The policy's environment with the caller's additions (theirs win)."""
+        full = self.rp.env_dict
+        if env:
+            full.update(env)
+        return full
 
 
 class Backend:

@@ -36,7 +36,6 @@ class AgentSandbox(LiveSandbox):
         self.client = client
         self.cgroup = cgroup
         self._teardown = teardown
-        self._stopped = False
         # Sandbox paths the backend shows elsewhere (a tmpfs emulated by a private host directory).
         self._path_map = dict(path_map or {})
 
@@ -51,13 +50,8 @@ class AgentSandbox(LiveSandbox):
         on_output: OutputCallback | None = None,
         output: tuple[int, int] | None = None,
     ) -> Result:
-        if self._stopped:
-            raise SandboxLost(f"sandbox {self.id} was stopped")
-        if not argv:
-            raise ValueError("argv is empty")
-        full_env = self.rp.env_dict
-        if env:
-            full_env.update(env)
+        self._check_exec(argv)
+        full_env = self._command_env(env)
         limits = self.rp.limits
         timeout = timeout if timeout is not None else limits.timeout
         started = time.monotonic()
@@ -78,7 +72,8 @@ class AgentSandbox(LiveSandbox):
             raise SandboxLost(f"sandbox {self.id} died while running {argv[0]!r}")
         if reply.error is not None:
             return not_started(argv, reply.errno, reply.error, what=str(reply.raw.get("what", "command")),
-                               subject=str(reply.raw.get("subject", argv[0])), pids_limit=limits.pids)  # fmt: skip
+                               subject=str(reply.raw.get("subject", argv[0])), pids_limit=limits.pids,
+                               output=output)  # fmt: skip
         returncode = reply.returncode
         assert returncode is not None
         # Peak memory per exec comes from the agent's wait4 (the command and what it waited for);

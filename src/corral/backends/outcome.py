@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from corral.backends.base import Result
 from corral.units import format_duration, format_size
 
@@ -9,6 +11,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+    from corral.backends.base import Reason
     from corral.kernel.cgroups import Cgroup
     from corral.kernel.pump import Pumped
     from corral.policy.model import Limits
@@ -74,18 +77,32 @@ def classify(
 
 
 def not_started(
-    argv: Sequence[str], errno_: int, error: str, *, what: str, subject: str, pids_limit: int | None = None
+    argv: Sequence[str],
+    errno_: int,
+    error: str,
+    *,
+    what: str,
+    subject: str,
+    pids_limit: int | None = None,
+    output: tuple[int, int] | None = None,
 ) -> Result:
     """A command the sandbox could not start: 127 when missing, 126 otherwise (as shells do).
-    EAGAIN under a pids limit means the sandbox is full: the Result names the limit."""
+    EAGAIN under a pids limit means the sandbox is full: the Result names the limit. With `output`
+    (the host descriptors the command would have written to) the message is written to its stderr
+    too, where a shell's would appear."""
     code = 127 if errno_ == 2 and what == "command" else 126
+    reason: Reason = "exited"
     if what == "command" and errno_ == EAGAIN and pids_limit is not None:
         message = f"corral: {subject}: not started, the pids limit ({pids_limit}) was reached"
-        return Result(argv=argv, returncode=code, reason="pids", detail=message[len("corral: ") :],
-                      stderr=(message + "\n").encode())  # fmt: skip
-    if what == "command":
+        reason = "pids"
+    elif what == "command":
         message = f"corral: {subject}: command not found" if code == 127 else f"corral: {subject}: {error}"
     else:
         message = f"corral: cannot use {what} {subject}: {error}"
-    return Result(argv=argv, returncode=code, reason="exited", detail=message[len("corral: ") :],
-                  stderr=(message + "\n").encode())  # fmt: skip
+    stderr = (message + "\n").encode()
+    if output is not None:
+        try:
+            os.write(output[1], stderr)
+        except OSError:
+            pass
+    return Result(argv=argv, returncode=code, reason=reason, detail=message[len("corral: ") :], stderr=stderr)

@@ -389,7 +389,6 @@ class MicrovmSandbox(LiveSandbox):
         self.proxy = proxy
         self.bridge = bridge
         self._rlimits = rlimits_for(rp, frozenset({"memory", "pids"}))
-        self._stopped = False
 
     def exec(
         self,
@@ -406,20 +405,12 @@ class MicrovmSandbox(LiveSandbox):
         from corral.backends.namespace.backend import shell_to_subprocess
         from corral.backends.outcome import classify, not_started
 
-        if self._stopped:
-            raise SandboxLost(f"sandbox {self.id} was stopped")
-        if not argv:
-            raise ValueError("argv is empty")
+        self._check_exec(argv)
         cwd = cwd or self.rp.cwd
         missing = self.rp.program_status(argv[0], cwd)
         if missing:
-            result = not_started(argv, missing, os.strerror(missing), what="command", subject=argv[0])
-            if output is not None:
-                os.write(output[1], result.stderr)
-            return result
-        full_env = self.rp.env_dict
-        if env:
-            full_env.update(env)
+            return not_started(argv, missing, os.strerror(missing), what="command", subject=argv[0], output=output)
+        full_env = self._command_env(env)
         limits = self.rp.limits
         timeout = timeout if timeout is not None else limits.timeout
         started = time.monotonic()

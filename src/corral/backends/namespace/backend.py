@@ -130,10 +130,7 @@ class NamespaceBackend(Backend):
 
         missing = rp.program_status(argv[0])
         if missing:
-            result = not_started(argv, missing, os.strerror(missing), what="command", subject=argv[0])
-            if output is not None:
-                os.write(output[1], result.stderr)
-            return result
+            return not_started(argv, missing, os.strerror(missing), what="command", subject=argv[0], output=output)
         timeout = timeout if timeout is not None else rp.limits.timeout
         ours: list[int] = []  # descriptors to close once bubblewrap has its copies
         readers: dict[str, int] = {}

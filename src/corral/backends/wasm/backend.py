@@ -176,7 +176,6 @@ class WasmSandbox(LiveSandbox):
         self._engine = engine
         self._private = private  # tmpfs mount -> private host directory
         self._cancel = threading.Event()
-        self._stopped = False
         # Sandbox mount -> (host directory, writable): the zones, tmpfs zones at their private directories.
         self._roots: dict[str, tuple[str, bool]] = {}
         for zone in rp.zones:
@@ -229,10 +228,7 @@ class WasmSandbox(LiveSandbox):
         from corral.backends.wasm import runtime
         from corral.backends.wasm.run import execute
 
-        if self._stopped:
-            raise SandboxLost(f"sandbox {self.id} was stopped")
-        if not argv:
-            raise ValueError("argv is empty")
+        self._check_exec(argv)
         cwd = posixpath.normpath(cwd or self.rp.cwd)
         program = argv[0]
         if runtime.is_python(program):
@@ -248,13 +244,10 @@ class WasmSandbox(LiveSandbox):
             inside = posixpath.normpath(posixpath.join(cwd, program))
             host = self._host_path(inside)
             if host is None or not os.path.isfile(host):
-                result = not_started(argv, 2, "No such file or directory", what="command",
-                                     subject=f"{program} (a module the sandbox can see)")  # fmt: skip
-                if output is not None:
-                    os.write(output[1], result.stderr)
-                return result
+                return not_started(argv, 2, "No such file or directory", what="command",
+                                   subject=f"{program} (a module the sandbox can see)", output=output)  # fmt: skip
             module = self._engine.load(host, name=program)
-        full_env = {**self.rp.env_dict, "PWD": cwd, **(env or {})}
+        full_env = self._command_env({"PWD": cwd, **(env or {})})
         limits = self.rp.limits
         return execute(
             self._engine.engine, module, argv, name=program, preopens=self.preopens(cwd), env=full_env,
