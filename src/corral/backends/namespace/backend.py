@@ -9,7 +9,6 @@ import time
 from corral.backends.base import Backend, Capabilities, LiveSandbox, Result
 from corral.backends.namespace.argv import AGENT_DIR, PROXY_PORT, PROXY_SOCKET, PYTHON_DIR, Extras
 from corral.backends.namespace.launch import Bwrap, command_rlimits, find_bwrap, launch
-from corral.backends.outcome import classify, not_started
 from corral.errors import BackendUnavailable, LaunchError
 
 TYPE_CHECKING = False
@@ -125,11 +124,12 @@ class NamespaceBackend(Backend):
         events: EventSink | None = None,
     ) -> Result:
         """One command in a fresh sandbox, without an agent: bubblewrap runs the command itself."""
-        from corral.kernel.pump import pump
         from corral.kernel.spawn import memfd_with
 
         missing = rp.program_status(argv[0])
         if missing:
+            from corral.backends.outcome import not_started
+
             return not_started(argv, missing, os.strerror(missing), what="command", subject=argv[0], output=output)
         timeout = timeout if timeout is not None else rp.limits.timeout
         ours: list[int] = []  # descriptors to close once bubblewrap has its copies
@@ -173,6 +173,10 @@ class NamespaceBackend(Backend):
             for fd in ours:
                 os.close(fd)
         try:
+            # Loaded now, while bubblewrap starts the command, rather than before the sandbox.
+            from corral.backends.outcome import classify
+            from corral.kernel.pump import pump
+
             if launched.cgroup is not None:
                 launched.cgroup.mark()
             deadline = None if timeout is None else started + timeout
