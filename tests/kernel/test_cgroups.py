@@ -64,12 +64,12 @@ def test_oom_and_pids_events() -> None:
 
 def test_v2_code_path_on_the_unified_hierarchy() -> None:
     """This host is v1 with a bare unified (v2) hierarchy: enough to drive the v2 paths (no controllers)."""
-    from corral.kernel.cgroups import _cgroup_mounts, _own_cgroups
+    from corral.kernel.cgroupfs import cgroup_mounts, own_cgroups
 
-    unified = _cgroup_mounts().get("unified")
+    unified = cgroup_mounts().get("unified")
     if unified is None or os.geteuid() != 0:
         pytest.skip("needs root and a mounted cgroup2 hierarchy")
-    v2 = CgroupHost._detect_v2(unified, _own_cgroups().get("", "/"))
+    v2 = CgroupHost._detect_v2(unified, own_cgroups().get("", "/"))
     assert v2.mode == "v2", v2.reason
     cg = v2.create(Limits())
     try:
@@ -104,7 +104,7 @@ def test_a_sandbox_cgroup_uses_only_the_hierarchies_its_limits_need() -> None:
 
 
 def test_attach_prefetch_leaves_this_process_where_it_was() -> None:
-    from corral.kernel import cgroups
+    from corral.kernel import cgroupfs as cgroups
 
     with open("/proc/self/cgroup") as f:
         before = f.read()
@@ -118,6 +118,25 @@ def test_attach_prefetch_leaves_this_process_where_it_was() -> None:
     assert not cgroups._prefetch_in_flight
     with open("/proc/self/cgroup") as f:
         assert f.read() == before
+
+
+def test_cgroup_mounts_agree_with_a_parse_of_every_line() -> None:
+    """The fast parse (only lines naming a cgroup filesystem) agrees with reading every line."""
+    from corral.kernel.cgroupfs import V1_CONTROLLERS, cgroup_mounts
+
+    expected: dict[str, str] = {}
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fstype, _source, *opts = right.split()
+            mount = left.split()[4]
+            if fstype == "cgroup2":
+                expected.setdefault("unified", mount)
+            elif fstype == "cgroup":
+                for option in (opts[-1] if opts else "").split(","):
+                    if option in V1_CONTROLLERS:
+                        expected.setdefault(option, mount)
+    assert cgroup_mounts() == expected
 
 
 def test_doctor_names_the_attach_wait_and_its_fix() -> None:
@@ -141,9 +160,9 @@ def test_attach_prefetch_never_moves_the_callers_other_threads() -> None:
     """A library must not undo where its caller put its threads (v1 lets each thread have its own cgroup)."""
     import threading
 
-    from corral.kernel import cgroups
+    from corral.kernel import cgroupfs as cgroups
 
-    pids_base = next((m for c, m in cgroups._cgroup_mounts().items() if c == "pids"), None)
+    pids_base = cgroups.cgroup_mounts().get("pids")
     if os.geteuid() != 0 or pids_base is None:
         pytest.skip("needs root and the cgroup v1 pids hierarchy")
     elsewhere = os.path.join(pids_base, f"corral-test-thread-{os.getpid()}")

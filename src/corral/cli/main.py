@@ -396,7 +396,7 @@ def _prefetch_cgroup_attach() -> None:
     import os
 
     if os.geteuid() == 0:
-        from corral.kernel.cgroups import start_attach_prefetch
+        from corral.kernel.cgroupfs import start_attach_prefetch
 
         start_attach_prefetch()
 

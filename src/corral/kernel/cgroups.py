@@ -15,13 +15,12 @@ import errno
 import os
 import time
 
+from corral.kernel.cgroupfs import V1_CONTROLLERS, cgroup_mounts, join_path, own_cgroups, read_text
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    import _thread
-
     from corral.policy.model import Limits
 
-_V1_CONTROLLERS = ("memory", "pids", "cpu", "freezer")
 _CPU_PERIOD_US = 100_000
 
 
@@ -53,11 +52,11 @@ class CgroupHost:
     @classmethod
     def detect(cls) -> CgroupHost:
         try:
-            mounts = _cgroup_mounts()
-            own = _own_cgroups()
+            mounts = cgroup_mounts()
+            own = own_cgroups()
         except OSError as exc:
             return cls("none", {}, f"cannot read cgroup mounts: {exc.strerror}")
-        v1 = {c: path for c, path in mounts.items() if c in _V1_CONTROLLERS}
+        v1 = {c: path for c, path in mounts.items() if c in V1_CONTROLLERS}
         unified = mounts.get("unified")
         if unified is not None and not v1:
             return cls._detect_v2(unified, own.get("", "/"))
@@ -65,13 +64,13 @@ class CgroupHost:
             bases: dict[str, str] = {}
             problems: list[str] = []
             for controller, mount in v1.items():
-                base = _join(mount, own.get(controller, "/"), "corral")
+                base = join_path(mount, own.get(controller, "/"), "corral")
                 if _ensure_dir(base):
                     bases[controller] = base
                 else:
                     problems.append(f"{controller}: {base} not writable")
             if unified is not None:
-                base = _join(unified, own.get("", "/"), "corral")
+                base = join_path(unified, own.get("", "/"), "corral")
                 if _ensure_dir(base) and os.path.exists(os.path.join(base, "cgroup.kill")):
                     bases["unified"] = base
                     bases.pop("freezer", None)  # cgroup.kill does the freezer's job, one attach fewer
@@ -84,18 +83,18 @@ class CgroupHost:
 
     @classmethod
     def _detect_v2(cls, mount: str, own: str) -> CgroupHost:
-        own_dir = _join(mount, own)
+        own_dir = join_path(mount, own)
         # As root at the top of the tree we may use the root cgroup; otherwise we need a delegated
         # subtree (our own cgroup writable by us), and v2's "no internal processes" rule means we
         # first move ourselves into a leaf so our cgroup can hand controllers to its children.
-        base = _join(own_dir, "corral")
+        base = join_path(own_dir, "corral")
         if not _ensure_dir(base):
             return cls("none", {}, f"{own_dir} is not writable (no delegated cgroup v2 subtree)")
         wanted = {"memory", "pids", "cpu"}
-        available = set(_read(os.path.join(own_dir, "cgroup.controllers")).split()) & wanted
-        enabled = set(_read(os.path.join(own_dir, "cgroup.subtree_control")).split())
+        available = set(read_text(os.path.join(own_dir, "cgroup.controllers")).split()) & wanted
+        enabled = set(read_text(os.path.join(own_dir, "cgroup.subtree_control")).split())
         if available - enabled and own != "/":
-            leaf = _join(own_dir, "corral-host")
+            leaf = join_path(own_dir, "corral-host")
             if _ensure_dir(leaf):
                 try:
                     _write(os.path.join(leaf, "cgroup.procs"), "0")
@@ -112,7 +111,7 @@ class CgroupHost:
             except OSError:
                 pass
         host = cls("v2", {"v2": base})
-        host._v2_controllers = frozenset(set(_read(os.path.join(base, "cgroup.subtree_control")).split()) & wanted)
+        host._v2_controllers = frozenset(set(read_text(os.path.join(base, "cgroup.subtree_control")).split()) & wanted)
         host.reap_stale()
         return host
 
@@ -175,7 +174,7 @@ class Cgroup:
         never `destroy()` it.
         """
         try:
-            mounts = _cgroup_mounts()
+            mounts = cgroup_mounts()
             with open(f"/proc/{pid}/cgroup", encoding="utf-8") as f:
                 lines = f.read().splitlines()
         except OSError:
@@ -185,12 +184,13 @@ class Cgroup:
             _, controllers, path = line.split(":", 2)
             for controller in controllers.split(",") if controllers else [""]:
                 paths[controller] = path
-        v1: dict[str, str] = {c: _join(mounts[c], paths[c]) for c in ("memory", "pids") if c in mounts and c in paths}
+        wanted: tuple[str, ...] = ("memory", "pids")
+        v1 = {c: join_path(mounts[c], paths[c]) for c in wanted if c in mounts and c in paths}
         if v1:
             dirs = {c: d for c, d in v1.items() if os.path.isdir(d)}
             return cls("v1", dirs) if dirs else None
         if "unified" in mounts and "" in paths:
-            d = _join(mounts["unified"], paths[""])
+            d = join_path(mounts["unified"], paths[""])
             return cls("v2", {"v2": d}) if os.path.isdir(d) else None
         return None
 
@@ -201,12 +201,12 @@ class Cgroup:
         cgroupsPath, which joins a cgroup that exists without touching its limits. Needs root."""
         from corral.policy.model import Limits as _Limits
 
-        mounts = _cgroup_mounts()
-        v1: dict[str, str] = {c: _join(mounts[c], relative) for c in ("memory", "cpu") if c in mounts}
+        mounts = cgroup_mounts()
+        v1: dict[str, str] = {c: join_path(mounts[c], relative) for c in ("memory", "cpu") if c in mounts}
         if v1:
             cgroup = cls("v1", v1)
         elif "unified" in mounts:
-            path = _join(mounts["unified"], relative)
+            path = join_path(mounts["unified"], relative)
             parent = mounts["unified"]
             for part in relative.strip("/").split("/"):
                 for controller in ("memory", "cpu"):
@@ -236,7 +236,7 @@ class Cgroup:
             return True
         if self.mode == "v2":
             return self._counter("memory", "max") > 0
-        text = _read(os.path.join(d, "memory.failcnt")).strip()
+        text = read_text(os.path.join(d, "memory.failcnt")).strip()
         return text.isdigit() and int(text) > 0
 
     def _dir(self, controller: str) -> str | None:
@@ -282,7 +282,7 @@ class Cgroup:
     def pids(self) -> list[int]:
         seen: set[int] = set()
         for path in self.procs_files():
-            for line in _read(path).split():
+            for line in read_text(path).split():
                 seen.add(int(line))
         return sorted(seen)
 
@@ -338,7 +338,7 @@ class Cgroup:
         if d is None:
             return None
         name = "memory.peak" if self.mode == "v2" else "memory.max_usage_in_bytes"
-        text = _read(os.path.join(d, name)).strip()
+        text = read_text(os.path.join(d, name)).strip()
         return int(text) if text.isdigit() else None
 
     def _counter(self, controller: str, key: str) -> int:
@@ -349,7 +349,7 @@ class Cgroup:
             name = "memory.events" if self.mode == "v2" else "memory.oom_control"
         else:
             name = "pids.events"
-        for line in _read(os.path.join(d, name)).splitlines():
+        for line in read_text(os.path.join(d, name)).splitlines():
             parts = line.split()
             if len(parts) == 2 and parts[0] == key and parts[1].isdigit():
                 return int(parts[1])
@@ -394,7 +394,7 @@ def attach_wait_note(host: CgroupHost) -> str | None:
     """A doctor note when moving a sandbox into its cgroup waits for a normal RCU grace period."""
     if host.mode == "none":
         return None
-    if _read("/sys/kernel/rcu_expedited").strip() not in ("0", ""):
+    if read_text("/sys/kernel/rcu_expedited").strip() not in ("0", ""):
         return None
     try:
         with open("/proc/self/mountinfo", encoding="utf-8") as f:
@@ -406,106 +406,6 @@ def attach_wait_note(host: CgroupHost) -> str | None:
             "`echo 1 > /sys/kernel/rcu_expedited`, or cgroup2 mounted with favordynmods, removes the wait")  # fmt: skip
 
 
-_prefetch_in_flight = False
-
-
-def start_attach_prefetch() -> None:
-    """Start now, in the background, the wait the next cgroup attach would otherwise pay.
-
-    Moving a task into a cgroup takes a kernel-wide lock whose first writer waits for an RCU grace
-    period (6-20 ms on the development VM); writers that follow within about a grace period pass
-    at once (0.1 ms). A thread of ours moving itself into the cgroup it is already in moves
-    nothing but starts that wait, while corral is still building the sandbox. Only that thread
-    is named (a thread id in `tasks` or `cgroup.threads`), so a caller's own placement of its
-    threads is never touched. Best effort: a failure only loses the head start.
-    """
-    global _prefetch_in_flight
-    if _prefetch_in_flight:
-        return
-    try:
-        # The new thread starts in its creator's cgroups: this thread's, not the process leader's.
-        mounts, own = _cgroup_mounts(), _own_cgroups("/proc/thread-self/cgroup")
-    except OSError:
-        return
-    for hierarchy, key in (("pids", "pids"), ("memory", "memory"), ("unified", "")):
-        if hierarchy in mounts and key in own:
-            directory = _join(mounts[hierarchy], own[key])
-            name = "tasks"
-            if hierarchy == "unified":
-                threaded = _read(os.path.join(directory, "cgroup.type")).strip() in ("threaded", "domain threaded")
-                # Outside a threaded subtree a process's threads share one cgroup: naming one moves
-                # the process, into the cgroup it is in.
-                name = "cgroup.threads" if threaded else "cgroup.procs"
-            target = os.path.join(directory, name)
-            if os.access(target, os.W_OK):
-                break
-    else:
-        return
-    try:
-        fd = os.open(target, os.O_WRONLY | os.O_CLOEXEC)
-    except OSError:
-        return
-    import _thread
-
-    _prefetch_in_flight = True
-    running = _thread.allocate_lock()
-    running.acquire()
-    _thread.start_new_thread(_move_this_thread, (fd, running))
-    # Wait until the thread is in its write: left to the GIL it could wait up to 5 ms to start.
-    running.acquire()
-
-
-def _move_this_thread(fd: int, running: _thread.LockType) -> None:
-    global _prefetch_in_flight
-    import _thread
-
-    tid = str(_thread.get_native_id()).encode()
-    running.release()
-    try:
-        os.write(fd, tid)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-        _prefetch_in_flight = False
-
-
-def _cgroup_mounts() -> dict[str, str]:
-    """controller -> mount point for v1 hierarchies; "unified" -> the cgroup2 mount."""
-    found: dict[str, str] = {}
-    with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields = left.split()
-            fstype, _source, *opts = right.split()
-            mount = fields[4].replace("\\040", " ")
-            if fstype == "cgroup2":
-                found.setdefault("unified", mount)
-            elif fstype == "cgroup":
-                for option in (opts[-1] if opts else "").split(","):
-                    if option in _V1_CONTROLLERS:
-                        found.setdefault(option, mount)
-    return found
-
-
-def _own_cgroups(source: str = "/proc/self/cgroup") -> dict[str, str]:
-    """controller -> this process's (or `source`'s) cgroup path; "" for the unified hierarchy."""
-    own: dict[str, str] = {}
-    with open(source, encoding="utf-8") as f:
-        for line in f:
-            _, controllers, path = line.rstrip("\n").split(":", 2)
-            for controller in controllers.split(",") if controllers else [""]:
-                own[controller] = path
-    return own
-
-
-def _join(mount: str, *parts: str) -> str:
-    path = mount
-    for part in parts:
-        path = os.path.join(path, part.lstrip("/"))
-    return os.path.normpath(path)
-
-
 def _ensure_dir(path: str) -> bool:
     try:
         os.mkdir(path)
@@ -514,19 +414,6 @@ def _ensure_dir(path: str) -> bool:
     except OSError:
         return False
     return os.access(path, os.W_OK) and os.access(os.path.join(path, "cgroup.procs"), os.W_OK)
-
-
-def _read(path: str) -> str:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return ""
-    try:
-        return os.read(fd, 65536).decode()
-    except OSError:
-        return ""
-    finally:
-        os.close(fd)
 
 
 def _write(path: str, value: str) -> None:

@@ -258,7 +258,7 @@ def launch(
     sandbox_pid: int | None = None
     wants_cgroup = needs_cgroup(rp.limits, want_pids_cgroup=want_pids_cgroup)
     if wants_cgroup:
-        from corral.kernel.cgroups import start_attach_prefetch
+        from corral.kernel.cgroupfs import start_attach_prefetch
 
         start_attach_prefetch()  # the attach's wait then overlaps building and starting the sandbox
     try:
