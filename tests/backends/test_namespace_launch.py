@@ -49,6 +49,20 @@ def test_a_failed_cgroup_attach_kills_the_sandbox_before_it_runs(workdir: Path) 
     assert mine == [], "the failed sandbox's cgroup was left behind"
 
 
+def test_a_cgroup_host_that_cannot_be_found_kills_the_sandbox_before_it_runs(workdir: Path) -> None:
+    """The cgroup host is looked for while bubblewrap builds the sandbox: failing then must not free it."""
+
+    def no_host() -> CgroupHost:
+        raise OSError(5, "Input/output error (as an unreadable mountinfo would say)")
+
+    marker = workdir / "ran"
+    rp = resolve(Policy.workspace(str(workdir)).with_limits(memory=64 << 20))
+    with pytest.raises(OSError):
+        launch(find_bwrap(), rp, ["/bin/sh", "-c", f"echo escaped > {marker}"], cgroups=no_host)
+    time.sleep(0.5)
+    assert not marker.exists(), "the command ran although its cgroup host could not be found"
+
+
 def test_a_system_bwrap_version_is_run_once_and_again_when_the_file_changes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
