@@ -248,6 +248,7 @@ def podman() -> Iterator[PodmanService]:
             stderr=subprocess.STDOUT,
             start_new_session=True,
             env={**os.environ, "CONTAINERS_CONF": conf},
+            cwd=base,  # conmon writes an `oom` file into its working directory when a container OOMs
         )
     service = PodmanService(base, proc, socket_path)
     try:
