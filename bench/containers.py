@@ -117,7 +117,10 @@ def report(runs: int) -> None:
         if not caps.available:
             unavailable[name] = f"{caps.reason} (fix: {caps.fix})"
             continue
-        rows.update(measure(policy, runs))
+        try:
+            rows.update(measure(policy, runs))
+        except corral.CorralError as exc:  # it worked once (the probe is remembered) but not now: a daemon stopped
+            unavailable[name] = str(exc)
     shutil.rmtree(work, ignore_errors=True)
     print(f"container backends, median of {runs} runs ({runs * 3} for live exec)")
     width = max((len(name) for name in rows), default=0)
