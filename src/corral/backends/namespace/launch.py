@@ -165,7 +165,7 @@ def rlimits_for(
 
 def command_rlimits(rp: ResolvedPolicy) -> dict[str, int]:
     """The rlimits corral's agent sets on each command it starts (and not on itself)."""
-    return {} if rp.limits.open_files is None else {"RLIMIT_NOFILE": rp.limits.open_files}
+    return {name: value for name, value in rlimits_for(rp, frozenset()).items() if name in COMMAND_RLIMITS}
 
 
 def needs_cgroup(limits: Limits, *, want_pids_cgroup: bool = False) -> bool:
@@ -299,10 +299,11 @@ def launch(
         # While bubblewrap sets the sandbox up (its command waits on the block fd until we are done):
         # find the cgroup host (0.4-0.6 ms: mounts, stale cgroups), make the cgroup (which can wait
         # for the attach prefetch's grace period), load `resource` for the rlimits (a 0.5 ms dlopen).
-        if host is None and (limits.memory or limits.pids):
-            host = cgroups() if callable(cgroups) else cgroups  # detected only when a limit may need it
-        if host is not None and host.mode != "none" and wants_cgroup:
-            cgroup = host.create(limits)
+        if wants_cgroup:
+            if host is None:
+                host = cgroups() if callable(cgroups) else cgroups  # detected only when a limit needs it
+            if host.mode != "none":
+                cgroup = host.create(limits)
         import resource  # noqa: F401
 
         sandbox_pid = _read_child_pid(status_r, monitor)
