@@ -106,18 +106,22 @@ def main() -> int:
     samples.update(warm)
     rows = {name: statistics.median(values) * 1000 for name, values in samples.items()}
     rules = CommandRules(corral.Commands(deny=["rm -rf *", "git push", "curl"], ask=["pip install"]))
-    argv = ["git", "status", "--short"]
     n = 20000
-    start = time.perf_counter()
-    for _ in range(n):
-        rules.decide(argv)
-    decision_us = (time.perf_counter() - start) / n * 1e6
+    decisions_us = []
+    # A plain argv (the target), and a shell script as agents send them (each command decided).
+    for argv in (["git", "status", "--short"], ["bash", "-lc", "cd src && make -j4 && git push origin main"]):
+        start = time.perf_counter()
+        for _ in range(n):
+            rules.decide(argv)
+        decisions_us.append((time.perf_counter() - start) / n * 1e6)
+    decision_us, script_decision_us = decisions_us
 
     width = max(map(len, rows))
     print(f"corral start-up, median of {runs} runs, {os.uname().release}, uid {os.getuid()}")
     for name, value in rows.items():
         print(f"  {name:<{width}}  {value:8.2f} ms")
     print(f"  {'policy decision (4 rules)':<{width}}  {decision_us:8.2f} us")
+    print(f"  {'policy decision, a bash -lc script':<{width}}  {script_decision_us:8.2f} us")
     plain = rows["plain fork+exec (subprocess.run /bin/true)"]
     same = rows["raw bwrap, corral's sandbox"]
     minimal = rows["raw bwrap, minimal sandbox"]
