@@ -95,3 +95,39 @@ def test_a_command_killing_everything_it_can_leaves_the_sandbox_usable(sandbox: 
     r = sandbox.exec(["/bin/sh", "-c", "echo still here"])
     assert r.ok and r.stdout == b"still here\n", r
     assert _others(sandbox) == []
+
+
+@pytest.mark.parametrize("start", ["spawn", "fork"])
+def test_programs_are_found_on_the_commands_path(workdir: Path, start: str) -> None:
+    """The agent finds a command as a shell would, whether it spawns it (posix_spawnp searching
+    PATH) or forks to set per-command rlimits first (its own search): same programs, same errors."""
+    first, second = workdir / "first", workdir / "second"
+    for directory in (first, second):
+        directory.mkdir()
+    (first / "tool").write_text("#!/bin/sh\necho not executable\n")  # no x bit: skipped
+    (first / "both").mkdir()  # a directory: skipped
+    (second / "tool").write_text("#!/bin/sh\necho second\n")
+    (second / "tool").chmod(0o755)
+    (second / "both").write_text("#!/bin/sh\necho file\n")
+    (second / "both").chmod(0o755)
+    (second / "only-unreadable").write_text("x")
+    (workdir / "local").write_text("#!/bin/sh\necho local\n")
+    (workdir / "local").chmod(0o755)
+    policy = corral.Policy.workspace(str(workdir))
+    if start == "fork":
+        policy = policy.with_limits(open_files=256)
+    path = f"{first}:{second}:/usr/bin:/bin"
+    with corral.Sandbox(policy, backend="namespace") as sb:
+        run = lambda *argv: sb.exec(list(argv), env={"PATH": path})  # noqa: E731
+        assert run("tool").stdout == b"second\n"
+        assert run("both").stdout == b"file\n"
+        assert run("./local").stdout == b"local\n"
+        assert run(str(second / "tool")).stdout == b"second\n"
+        missing = run("no-such-program")
+        assert (missing.returncode, missing.detail) == (127, "no-such-program: command not found"), missing
+        refused = run("only-unreadable")
+        assert (refused.returncode, refused.detail) == (126, "only-unreadable: Permission denied"), refused
+        # The search follows each command's PATH, not the one before it.
+        assert sb.exec(["tool"], env={"PATH": f"{first}:/usr/bin"}).returncode == 126
+        assert sb.exec(["sh", "-c", "echo $PATH"], env={"PATH": "/bin:/usr/bin"}).stdout == b"/bin:/usr/bin\n"
+        assert run("tool").stdout == b"second\n"
