@@ -143,9 +143,10 @@ def main() -> int:
               f"  [interpreter start {floor:.1f} ms + corral {cli - floor:.1f} ms]")  # fmt: skip
     print(f"  {'policy decision':<42} {decision_us:5.2f} us (<= 10 us)  {'ok' if decision_us <= 10 else 'MISSED'}")
     if os.getuid() == 0:
-        print("note: as root the pids limit needs a cgroup, whose first attach waits for an RCU grace period")
-        print("      (~5-15 ms on this kernel); as an ordinary user it is a free RLIMIT_NPROC in the sandbox's")
-        print("      own user namespace. See docs/performance.md.")
+        print("note: as root the pids limit needs a cgroup (as an ordinary user it is a free RLIMIT_NPROC in the")
+        print("      sandbox's own user namespace). On cgroup v1 the launching thread joins it, with no RCU grace")
+        print("      period to wait for (~5-15 ms here); with a memory or cpu limit the sandbox is attached by pid")
+        print("      and waits. See docs/performance.md.")
     shutil.rmtree(work, ignore_errors=True)
     if not opts.core:
         wasm_rows(runs)

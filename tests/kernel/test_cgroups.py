@@ -192,3 +192,73 @@ def test_attach_prefetch_never_moves_the_callers_other_threads() -> None:
         done.set()
         thread.join()
         os.rmdir(elsewhere)
+
+
+def _thread_cgroups() -> str:
+    with open("/proc/thread-self/cgroup") as f:
+        return f.read()
+
+
+@pytest.fixture
+def v1_root() -> None:
+    if HOST.mode != "v1" or os.geteuid() != 0:
+        pytest.skip("needs cgroup v1 and root")
+
+
+@pytest.mark.usefixtures("v1_root")
+def test_a_thread_joins_spawns_inside_and_leaves_without_the_attach_wait() -> None:
+    limits = Limits(pids=7)
+    assert HOST.joins_by_thread(limits)
+    assert not HOST.joins_by_thread(Limits(pids=7, memory=64 << 20)) and not HOST.joins_by_thread(Limits(cpus=1))
+    cg = HOST.create(limits, by_thread=True)
+    before = _thread_cgroups()
+    try:
+        assert "unified" not in cg.dirs  # a thread cannot join a cgroup2 cgroup: the freezer kills
+        assert "freezer" in cg.dirs or "freezer" not in HOST.bases
+        start = time.perf_counter()
+        back = cg.enter_as_thread(HOST.mounts)
+        joined = time.perf_counter() - start
+        try:
+            child = subprocess.Popen(["sleep", "60"])  # spawned by this thread: starts inside
+        finally:
+            assert cg.leave_as_thread(back)
+        assert _thread_cgroups() == before
+        assert cg.pids() == [child.pid]
+        cg.set_limits(limits)
+        with open(os.path.join(cg.dirs["pids"], "pids.max")) as f:
+            assert f.read().strip() == "8"  # the limit, plus the process corral spawned inside
+        # No RCU grace period (6-20 ms here): the write named no pid, so no kernel-wide lock.
+        assert joined < 0.005, f"joining took {joined * 1000:.1f} ms"
+        cg.kill()
+        assert child.wait(timeout=10) != 0
+    finally:
+        cg.destroy()
+    assert not any(os.path.exists(d) for d in cg.dirs.values())
+
+
+@pytest.mark.usefixtures("v1_root")
+def test_a_cgroup_holding_its_callers_thread_is_never_killed_or_removed() -> None:
+    cg = HOST.create(Limits(pids=7), by_thread=True)
+    back = cg.enter_as_thread(HOST.mounts)
+    try:
+        nowhere = [("/nonexistent/tasks", "/nonexistent/root/tasks")] * len(back)
+        assert not cg.leave_as_thread(nowhere)
+        assert cg.holds_caller
+        cg.kill()  # would kill this test's own process
+        cg.destroy()
+        assert all(os.path.isdir(d) for d in cg.dirs.values())
+    finally:
+        cg.holds_caller = False
+        assert cg.leave_as_thread(back)
+        cg.destroy()
+    assert not any(os.path.exists(d) for d in cg.dirs.values())
+
+
+@pytest.mark.usefixtures("v1_root")
+def test_no_attach_prefetch_where_sandboxes_are_joined_by_a_thread() -> None:
+    """On v1 the default policy's sandbox needs no attach; a prefetch in flight would hold the cgroup
+    mutex that making its cgroup needs, for a whole RCU grace period."""
+    from corral.kernel import cgroupfs
+
+    cgroupfs.start_attach_prefetch(unless_v1=True)
+    assert not cgroupfs._prefetch_in_flight

@@ -354,7 +354,7 @@ def run_command(args: list[str]) -> int:
     if not command:
         _error("no command given (corral run [FLAGS] -- CMD ARGS...)")
         return EXIT_USAGE
-    _prefetch_cgroup_attach()
+    _prefetch_cgroup_attach(opts)
     from corral.backends import registry
     from corral.backends.base import check_supported
     from corral.policy.resolve import resolve
@@ -390,15 +390,16 @@ def run_command(args: list[str]) -> int:
     return _report(result, backend.name, sandbox_id, as_json=bool(opts.get("--json")))
 
 
-def _prefetch_cgroup_attach() -> None:
+def _prefetch_cgroup_attach(opts: dict[str, object]) -> None:
     """As root, limits go through cgroups: start the attach's kernel wait now, while the rest of
-    corral loads (see `start_attach_prefetch`). Harmless when the policy turns out to need none."""
+    corral loads (see `start_attach_prefetch`). On a v1 host only a memory or cpu limit needs the
+    attach (the flags tell; a config's limits get the later start that launching gives them)."""
     import os
 
     if os.geteuid() == 0:
         from corral.kernel.cgroupfs import start_attach_prefetch
 
-        start_attach_prefetch()
+        start_attach_prefetch(unless_v1=not (opts.get("--memory") or opts.get("--cpus")))
 
 
 def _forward(stream: str, chunk: bytes) -> None:

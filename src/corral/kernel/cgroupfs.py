@@ -72,7 +72,7 @@ def read_text(path: str) -> str:
 _prefetch_in_flight = False
 
 
-def start_attach_prefetch() -> None:
+def start_attach_prefetch(*, unless_v1: bool = False) -> None:
     """Start now, in the background, the wait the next cgroup attach would otherwise pay.
 
     Moving a task into a cgroup takes a kernel-wide lock whose first writer waits for an RCU grace
@@ -81,6 +81,10 @@ def start_attach_prefetch() -> None:
     nothing but starts that wait, while corral is still building the sandbox. Only that thread
     is named (a thread id in `tasks` or `cgroup.threads`), so a caller's own placement of its
     threads is never touched. Best effort: a failure only loses the head start.
+
+    `unless_v1`: not on a host with v1 hierarchies, where a sandbox without memory or cpu limits
+    needs no attach (its launching thread joins the cgroup, see corral.kernel.cgroups), and a
+    prefetch in flight would hold the cgroup mutex that making that cgroup needs.
     """
     global _prefetch_in_flight
     if _prefetch_in_flight:
@@ -89,6 +93,8 @@ def start_attach_prefetch() -> None:
         # The new thread starts in its creator's cgroups: this thread's, not the process leader's.
         mounts, own = cgroup_mounts(), own_cgroups("/proc/thread-self/cgroup")
     except OSError:
+        return
+    if unless_v1 and any(c in mounts for c in V1_CONTROLLERS):
         return
     for hierarchy, key in (("pids", "pids"), ("memory", "memory"), ("unified", "")):
         if hierarchy in mounts and key in own:

@@ -7,6 +7,13 @@ peak memory, and removes itself. Cgroups left by a crashed corral are reaped on 
 
 On a v1 or hybrid host, the memory, pids and cpu hierarchies hold the limits and the unified (v2)
 hierarchy, when mounted, gives `cgroup.kill`; without it the v1 freezer (or a kill loop) does.
+
+Moving a process into a cgroup takes a kernel-wide lock whose first writer waits for an RCU grace
+period (6-20 ms on some VMs). A thread moving only itself into a v1 cgroup skips that lock, and
+what it spawns next starts inside: so on v1, a sandbox without memory or cpu limits (the default
+policy's pids limit) is joined by the launching thread, which spawns bubblewrap and moves back
+(`CgroupHost.joins_by_thread`). The others are attached by pid after bubblewrap starts, with the
+wait started early (`corral.kernel.cgroupfs.start_attach_prefetch`).
 """
 
 from __future__ import annotations
@@ -27,10 +34,13 @@ _CPU_PERIOD_US = 100_000
 class CgroupHost:
     """Where corral may create cgroups here, or why it cannot (`mode == "none"`)."""
 
-    def __init__(self, mode: str, bases: dict[str, str], reason: str = "") -> None:
+    def __init__(
+        self, mode: str, bases: dict[str, str], reason: str = "", *, mounts: dict[str, str] | None = None
+    ) -> None:
         self.mode = mode  # "v2" | "v1" | "none"
         self.bases = bases  # hierarchy ("v2", "memory", "pids", "cpu", "freezer", "unified") -> base dir
         self.reason = reason
+        self.mounts = mounts or {}  # v1 hierarchy -> mount point: a joining thread's way back
         self._seq = 0
 
     @property
@@ -47,6 +57,8 @@ class CgroupHost:
         if self.mode == "none":
             return f"rlimits only ({self.reason})"
         kill = "cgroup.kill" if ("unified" in self.bases or self.mode == "v2") else "freezer"
+        if self.mode == "v1" and "unified" in self.bases and "freezer" in self.bases:
+            kill = "cgroup.kill or the freezer"
         return f"cgroup {self.mode} ({', '.join(sorted(self.controllers))}; kill via {kill})"
 
     @classmethod
@@ -72,11 +84,10 @@ class CgroupHost:
             if unified is not None:
                 base = join_path(unified, own.get("", "/"), "corral")
                 if _ensure_dir(base) and os.path.exists(os.path.join(base, "cgroup.kill")):
-                    bases["unified"] = base
-                    bases.pop("freezer", None)  # cgroup.kill does the freezer's job, one attach fewer
+                    bases["unified"] = base  # cgroup.kill does the freezer's job (see _needed)
             if not any(c in bases for c in ("memory", "pids", "cpu")):
                 return cls("none", {}, "; ".join(problems) or "no usable v1 controller")
-            host = cls("v1", bases)
+            host = cls("v1", bases, mounts=v1)
             host.reap_stale()
             return host
         return cls("none", {}, "no cgroup filesystem mounted")
@@ -117,8 +128,19 @@ class CgroupHost:
 
     _v2_controllers: frozenset[str] = frozenset()
 
-    def create(self, limits: Limits | None = None) -> Cgroup:
-        """A new, empty cgroup in every hierarchy, with `limits` applied."""
+    def joins_by_thread(self, limits: Limits) -> bool:
+        """Whether a sandbox with `limits` gets its cgroup by the launching thread joining it.
+
+        Only on v1 (v2 moves whole processes), and only without memory or cpu limits: a thread in
+        the cgroup for the ~0.3 ms of a spawn must not be a memory-OOM victim candidate (the whole
+        process would be) or be throttled. Such a cgroup is left without limits until the thread
+        is back out; the caller then sets them (`Cgroup.set_limits`), before the command runs.
+        """
+        return self.mode == "v1" and limits.memory is None and limits.cpus is None
+
+    def create(self, limits: Limits | None = None, *, by_thread: bool = False) -> Cgroup:
+        """A new, empty cgroup in every hierarchy `limits` needs (all without limits), with `limits`
+        applied, unless `by_thread`: a cgroup for `Cgroup.enter_as_thread`, its limits set later."""
         if self.mode == "none":
             raise OSError(errno.ENOTSUP, f"no usable cgroups: {self.reason}")
         self._seq += 1
@@ -126,13 +148,16 @@ class CgroupHost:
         dirs: dict[str, str] = {}
         try:
             for hierarchy, base in self.bases.items():
-                if limits is not None and not _needed(hierarchy, limits, self.bases):
+                if limits is not None and not _needed(hierarchy, limits, self.bases, by_thread=by_thread):
                     continue  # each hierarchy costs a mkdir, an attach and an rmdir per sandbox
                 path = os.path.join(base, name)
                 os.mkdir(path)
                 dirs[hierarchy] = path
             cgroup = Cgroup(self.mode, dirs)
-            if limits is not None:
+            if by_thread:
+                # bubblewrap's own process, spawned inside, takes one pid of its own.
+                cgroup.pids_extra = 1
+            elif limits is not None:
                 cgroup.set_limits(limits)
         except OSError:
             for path in dirs.values():
@@ -163,6 +188,10 @@ class Cgroup:
     def __init__(self, mode: str, dirs: dict[str, str]) -> None:
         self.mode = mode
         self.dirs = dirs
+        self.pids_extra = 0  # processes inside that are not the sandbox's (counted on top of the limit)
+        # Set when a thread of ours could not leave (see enter_as_thread): killing or removing the
+        # cgroup would then kill this very process, so this object never does either.
+        self.holds_caller = False
         self._oom_base = 0
         self._pids_base = 0
 
@@ -259,7 +288,7 @@ class Cgroup:
             d = self._dir("pids")
             if d is None:
                 raise OSError(errno.ENOTSUP, "no pids controller")
-            _write(os.path.join(d, "pids.max"), str(limits.pids))
+            _write(os.path.join(d, "pids.max"), str(limits.pids + self.pids_extra))
         if limits.cpus is not None:
             d = self._dir("cpu")
             if d is None:
@@ -279,6 +308,40 @@ class Cgroup:
         for path in self.procs_files():
             _write(path, str(pid))
 
+    def enter_as_thread(self, mounts: dict[str, str]) -> list[tuple[str, str]]:
+        """Move the calling thread, and only it, into this (v1) cgroup in every hierarchy, so that
+        what it spawns next starts inside. Returns its way back for `leave_as_thread`: in each
+        hierarchy the `tasks` file of the cgroup it was in, and of the root as a fallback.
+
+        A thread writing 0 to a v1 `tasks` file takes no kernel-wide lock: 0.1 ms, where naming a
+        pid waits for an RCU grace period. On failure the thread is back where it was.
+        """
+        own = own_cgroups("/proc/thread-self/cgroup")
+        back = [
+            (os.path.join(join_path(mounts[h], own.get(h, "/")), "tasks"), os.path.join(mounts[h], "tasks"))
+            for h in self.dirs
+        ]
+        try:
+            for d in self.dirs.values():
+                _write(os.path.join(d, "tasks"), "0")
+        except OSError:
+            self.leave_as_thread(back)
+            raise
+        return back
+
+    def leave_as_thread(self, back: list[tuple[str, str]]) -> bool:
+        """Take the calling thread back out (to its old cgroup, else the root) after `enter_as_thread`.
+        False when some hierarchy refused both: this cgroup then holds our process (`holds_caller`)."""
+        for own, root in back:
+            try:
+                _write(own, "0")
+            except OSError:
+                try:
+                    _write(root, "0")
+                except OSError:
+                    self.holds_caller = True
+        return not self.holds_caller
+
     def pids(self) -> list[int]:
         seen: set[int] = set()
         for path in self.procs_files():
@@ -288,6 +351,8 @@ class Cgroup:
 
     def kill(self) -> None:
         """SIGKILL every process inside, including ones forking as we go."""
+        if self.holds_caller:
+            return
         kill_file = None
         for hierarchy in ("unified", "v2"):
             d = self.dirs.get(hierarchy)
@@ -314,12 +379,6 @@ class Cgroup:
             if freezer is not None:
                 _write_if_exists(os.path.join(freezer, "freezer.state"), "THAWED")
             time.sleep(0.001)
-
-    def mark(self) -> None:
-        """Start measuring peak memory afresh (v1 can reset it; v2 reports the peak since creation)."""
-        d = self._dir("memory")
-        if d is not None and self.mode == "v1":
-            _write_if_exists(os.path.join(d, "memory.max_usage_in_bytes"), "0")
 
     def oom_kills(self) -> int:
         """OOM kills since the previous call (the first call counts from creation)."""
@@ -357,6 +416,8 @@ class Cgroup:
 
     def destroy(self) -> None:
         """Kill what is left and remove the cgroup from every hierarchy. Idempotent."""
+        if self.holds_caller:
+            return  # left for reap_stale once this process is gone
         if not any(os.path.isdir(d) for d in self.dirs.values()):
             return
         self.kill()
@@ -378,15 +439,18 @@ class Cgroup:
                     pause = min(pause * 2, 0.005)
 
 
-def _needed(hierarchy: str, limits: Limits, bases: dict[str, str]) -> bool:
+def _needed(hierarchy: str, limits: Limits, bases: dict[str, str], *, by_thread: bool = False) -> bool:
     """Whether a v1 hierarchy serves `limits`: memory always (it measures peak memory), pids and
-    cpu for their limits, the freezer only to kill when no cgroup2 mount offers `cgroup.kill`."""
+    cpu for their limits. To kill: cgroup2's `cgroup.kill` where mounted, else the freezer; a
+    thread can join only v1 cgroups, so a cgroup it joins uses the freezer."""
     if hierarchy == "pids":
         return limits.pids is not None
     if hierarchy == "cpu":
         return limits.cpus is not None
     if hierarchy == "freezer":
-        return "unified" not in bases
+        return by_thread or "unified" not in bases
+    if hierarchy == "unified":
+        return not by_thread
     return True
 
 
@@ -402,8 +466,10 @@ def attach_wait_note(host: CgroupHost) -> str | None:
                 return None
     except OSError:
         pass
-    return ("each cgroup attach waits for an RCU grace period (6-20 ms on some VMs; corral starts it early): "
-            "`echo 1 > /sys/kernel/rcu_expedited`, or cgroup2 mounted with favordynmods, removes the wait")  # fmt: skip
+    which = "with memory or cpu limits " if host.mode == "v1" else ""
+    return (f"moving a sandbox {which}into its cgroup waits for an RCU grace period (6-20 ms on some VMs; "
+            "corral starts it early): `echo 1 > /sys/kernel/rcu_expedited`, or cgroup2 mounted with "
+            "favordynmods, removes the wait")  # fmt: skip
 
 
 def _ensure_dir(path: str) -> bool:

@@ -177,8 +177,6 @@ class NamespaceBackend(Backend):
             from corral.backends.outcome import classify
             from corral.kernel.pump import pump
 
-            if launched.cgroup is not None:
-                launched.cgroup.mark()
             deadline = None if timeout is None else started + timeout
             pumped = pump(readers, deadline=deadline, output_limit=rp.limits.output, on_output=on_output,
                           kill=launched.kill, watch=launched.monitor.pidfd)  # fmt: skip

@@ -1,8 +1,8 @@
 """Start bubblewrap for a resolved policy, with limits in place before the command runs.
 
 bubblewrap is started with `--block-fd`: it builds the namespaces and reports the sandbox's pid,
-then waits. Only then does corral move that pid into the sandbox's cgroup and lower its rlimits,
-and let it go on, so not one instruction of the command runs unconfined.
+then waits. Only then does corral set the cgroup's limits (or move that pid into the cgroup) and
+lower its rlimits, and let it go on, so not one instruction of the command runs unconfined.
 """
 
 from __future__ import annotations
@@ -256,8 +256,17 @@ def launch(
     cgroup: Cgroup | None = None
     monitor: Child | None = None
     sandbox_pid: int | None = None
-    wants_cgroup = needs_cgroup(rp.limits, want_pids_cgroup=want_pids_cgroup)
-    if wants_cgroup:
+    limits = rp.limits
+    wants_cgroup = needs_cgroup(limits, want_pids_cgroup=want_pids_cgroup)
+    host: CgroupHost | None = None
+    if wants_cgroup and (limits.cpus is not None or limits.memory is None):
+        # Found before the sandbox starts: a cpus limit that cannot be met is refused, and a
+        # cgroup the launching thread joins (CgroupHost.joins_by_thread) is made first.
+        host = cgroups() if callable(cgroups) else cgroups
+        if limits.cpus is not None and "cpu" not in host.controllers:
+            raise UnsupportedPolicy("namespace", ("limits.cpus (no cpu cgroup controller here)",))
+    by_thread = host is not None and host.joins_by_thread(limits)
+    if wants_cgroup and not by_thread:
         from corral.kernel.cgroupfs import start_attach_prefetch
 
         start_attach_prefetch()  # the attach's wait then overlaps building and starting the sandbox
@@ -282,24 +291,29 @@ def launch(
         argv = bwrap_argv(
             bwrap.path, rp, command, fds=fds, extras=extras, tmpfs_size=bwrap.supports_size, as_pid_1=as_pid_1
         )
-        limits = rp.limits
-        host: CgroupHost | None = None
-        if limits.cpus is not None:  # refused before anything starts
-            host = cgroups() if callable(cgroups) else cgroups
-            if "cpu" not in host.controllers:
-                raise UnsupportedPolicy("namespace", ("limits.cpus (no cpu cgroup controller here)",))
         passed = [seccomp_fd, status_w, block_r, *(fd for _, fd in etc), *pass_fds]
+        back = None
+        if by_thread:
+            assert host is not None
+            cgroup = host.create(limits, by_thread=True)
+            back = cgroup.enter_as_thread(host.mounts)  # bubblewrap starts inside, no attach to wait for
         try:
             monitor = Child(spawn(argv, env=rp.env_dict, stdio=stdio, pass_fds=passed))
         except OSError as exc:
             raise LaunchError(f"cannot run {bwrap.path}: {exc.strerror}") from exc
+        finally:
+            if cgroup is not None and back is not None and not cgroup.leave_as_thread(back):
+                raise LaunchError(f"cannot move corral's thread back out of the sandbox's cgroup {cgroup.dirs}")
         for fd in (seccomp_fd, status_w, block_r, *(fd for _, fd in etc)):
             os.close(fd)
             opened.remove(fd)
         # While bubblewrap sets the sandbox up (its command waits on the block fd until we are done):
-        # find the cgroup host (0.4-0.6 ms: mounts, stale cgroups), make the cgroup (which can wait
-        # for the attach prefetch's grace period), load `resource` for the rlimits (a 0.5 ms dlopen).
-        if wants_cgroup:
+        # set the joined cgroup's limits, or find the cgroup host (0.4-0.6 ms: mounts, stale
+        # cgroups) and make the cgroup (which can wait for the attach prefetch's grace period);
+        # load `resource` for the rlimits (a 0.5 ms dlopen).
+        if cgroup is not None:
+            cgroup.set_limits(limits)
+        elif wants_cgroup:
             if host is None:
                 host = cgroups() if callable(cgroups) else cgroups  # detected only when a limit needs it
             if host.mode != "none":
@@ -307,7 +321,7 @@ def launch(
         import resource  # noqa: F401
 
         sandbox_pid = _read_child_pid(status_r, monitor)
-        if cgroup is not None:
+        if cgroup is not None and not by_thread:
             cgroup.attach(sandbox_pid)
         controllers = host.controllers if cgroup is not None and host is not None else frozenset()
         rlimits = rlimits_for(rp, controllers, own_userns=True, agent=as_pid_1)  # pid 1 is corral's agent
