@@ -38,7 +38,7 @@ def test_a_failed_cgroup_attach_kills_the_sandbox_before_it_runs(workdir: Path) 
     failing = _HostWhoseAttachFails(host.mode, host.bases)
     marker = workdir / "ran"
     rp = resolve(Policy.workspace(str(workdir)).with_limits(memory=64 << 20))
-    with pytest.raises(OSError):
+    with pytest.raises(LaunchError, match="cannot start the sandbox"):
         launch(find_bwrap(), rp, ["/bin/sh", "-c", f"echo escaped > {marker}"], cgroups=failing)
     time.sleep(0.5)  # had bubblewrap been left behind, its command would have run by now
     assert not marker.exists(), "the command ran without the cgroup that failed to apply"
@@ -51,15 +51,22 @@ def test_a_failed_cgroup_attach_kills_the_sandbox_before_it_runs(workdir: Path) 
     assert mine == [], "the failed sandbox's cgroup was left behind"
 
 
-def test_a_cgroup_host_that_cannot_be_found_kills_the_sandbox_before_it_runs(workdir: Path) -> None:
-    """The cgroup host is looked for while bubblewrap builds the sandbox: failing then must not free it."""
+@pytest.mark.parametrize("limits", [{"memory": 64 << 20}, {"pids": 20}], ids=["during-start", "before-start"])
+def test_a_cgroup_host_that_cannot_be_found_kills_the_sandbox_before_it_runs(
+    workdir: Path, limits: dict[str, int]
+) -> None:
+    """The cgroup host is looked for while bubblewrap builds the sandbox (a memory limit: it is
+    attached by pid), or before (a cgroup the launching thread joins): failing must not free it.
+    Either way the caller gets corral's own error, not an OSError."""
+    if "pids" in limits and os.geteuid() != 0:
+        pytest.skip("as an ordinary user a pids limit needs no cgroup")
 
     def no_host() -> CgroupHost:
         raise OSError(5, "Input/output error (as an unreadable mountinfo would say)")
 
     marker = workdir / "ran"
-    rp = resolve(Policy.workspace(str(workdir)).with_limits(memory=64 << 20))
-    with pytest.raises(OSError):
+    rp = resolve(Policy.workspace(str(workdir)).with_limits(**limits))
+    with pytest.raises(LaunchError, match="cannot start the sandbox: .*Input/output error"):
         launch(find_bwrap(), rp, ["/bin/sh", "-c", f"echo escaped > {marker}"], cgroups=no_host)
     time.sleep(0.5)
     assert not marker.exists(), "the command ran although its cgroup host could not be found"
@@ -103,7 +110,7 @@ def test_a_joined_cgroup_whose_limits_fail_kills_the_sandbox_before_it_runs(work
     marker = workdir / "ran"
     rp = resolve(Policy.workspace(str(workdir)).with_limits(pids=20))
     assert host.joins_by_thread(rp.limits)
-    with pytest.raises(OSError):
+    with pytest.raises(LaunchError, match="cannot start the sandbox"):
         launch(find_bwrap(), rp, ["/bin/sh", "-c", f"echo escaped > {marker}"], cgroups=host)
     time.sleep(0.5)
     assert not marker.exists(), "the command ran without its pids limit"

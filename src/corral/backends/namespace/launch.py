@@ -259,18 +259,18 @@ def launch(
     limits = rp.limits
     wants_cgroup = needs_cgroup(limits, want_pids_cgroup=want_pids_cgroup)
     host: CgroupHost | None = None
-    if wants_cgroup and (limits.cpus is not None or limits.memory is None):
-        # Found before the sandbox starts: a cpus limit that cannot be met is refused, and a
-        # cgroup the launching thread joins (CgroupHost.joins_by_thread) is made first.
-        host = cgroups() if callable(cgroups) else cgroups
-        if limits.cpus is not None and "cpu" not in host.controllers:
-            raise UnsupportedPolicy("namespace", ("limits.cpus (no cpu cgroup controller here)",))
-    by_thread = host is not None and host.joins_by_thread(limits)
-    if wants_cgroup and not by_thread:
-        from corral.kernel.cgroupfs import start_attach_prefetch
-
-        start_attach_prefetch()  # the attach's wait then overlaps building and starting the sandbox
     try:
+        if wants_cgroup and (limits.cpus is not None or limits.memory is None):
+            # Found before the sandbox starts: a cpus limit that cannot be met is refused, and a
+            # cgroup the launching thread joins (CgroupHost.joins_by_thread) is made first.
+            host = cgroups() if callable(cgroups) else cgroups
+            if limits.cpus is not None and "cpu" not in host.controllers:
+                raise UnsupportedPolicy("namespace", ("limits.cpus (no cpu cgroup controller here)",))
+        by_thread = host is not None and host.joins_by_thread(limits)
+        if wants_cgroup and not by_thread:
+            from corral.kernel.cgroupfs import start_attach_prefetch
+
+            start_attach_prefetch()  # the attach's wait then overlaps building and starting the sandbox
         seccomp_fd = memfd_with("corral-seccomp", build_filter())
         opened.append(seccomp_fd)
         etc: list[tuple[str, int]] = []
@@ -335,13 +335,15 @@ def launch(
         os.set_blocking(status_r, False)
         opened.remove(status_r)
         return Launched(monitor, sandbox_pid, cgroup, status_r)
-    except BaseException:
+    except BaseException as exc:
         if monitor is not None:
             _abandon(monitor, sandbox_pid)
         for fd in opened:
             os.close(fd)
         if cgroup is not None:
             cgroup.destroy()
+        if isinstance(exc, OSError):  # a cgroup file, a descriptor, a pipe: say so, as corral's own error
+            raise LaunchError(f"cannot start the sandbox: {exc}") from exc
         raise
 
 
