@@ -57,8 +57,8 @@ class CgroupHost:
         if self.mode == "none":
             return f"rlimits only ({self.reason})"
         kill = "cgroup.kill" if ("unified" in self.bases or self.mode == "v2") else "freezer"
-        if self.mode == "v1" and "unified" in self.bases and "freezer" in self.bases:
-            kill = "cgroup.kill or the freezer"
+        if self.mode == "v1" and "unified" in self.bases:
+            kill = "cgroup.kill, or the end of the sandbox's pid namespace"
         return f"cgroup {self.mode} ({', '.join(sorted(self.controllers))}; kill via {kill})"
 
     @classmethod
@@ -441,16 +441,16 @@ class Cgroup:
 
 def _needed(hierarchy: str, limits: Limits, bases: dict[str, str], *, by_thread: bool = False) -> bool:
     """Whether a v1 hierarchy serves `limits`: memory always (it measures peak memory), pids and
-    cpu for their limits. To kill: cgroup2's `cgroup.kill` where mounted, else the freezer; a
-    thread can join only v1 cgroups, so a cgroup it joins uses the freezer."""
+    cpu for their limits. To kill: cgroup2's `cgroup.kill` where mounted, else the freezer. A
+    thread can join neither cheaply (cgroup2 moves whole processes; each hierarchy costs ~0.15 ms
+    a sandbox), so a cgroup it joins has no kill switch of its own: killing the sandbox's init ends
+    its pid namespace, which no process inside can leave, and `Cgroup.kill` loops over the rest."""
     if hierarchy == "pids":
         return limits.pids is not None
     if hierarchy == "cpu":
         return limits.cpus is not None
-    if hierarchy == "freezer":
-        return by_thread or "unified" not in bases
-    if hierarchy == "unified":
-        return not by_thread
+    if hierarchy in ("freezer", "unified"):
+        return not by_thread and (hierarchy == "unified" or "unified" not in bases)
     return True
 
 
