@@ -206,7 +206,8 @@ def v1_root() -> None:
 
 
 @pytest.mark.usefixtures("v1_root")
-def test_a_thread_joins_spawns_inside_and_leaves_without_the_attach_wait() -> None:
+def test_a_thread_joins_spawns_inside_and_leaves() -> None:
+    """(That joining skips the attach's RCU wait is measured by bench/startup.py, not here.)"""
     limits = Limits(pids=7)
     assert HOST.joins_by_thread(limits)
     assert not HOST.joins_by_thread(Limits(pids=7, memory=64 << 20)) and not HOST.joins_by_thread(Limits(cpus=1))
@@ -214,9 +215,7 @@ def test_a_thread_joins_spawns_inside_and_leaves_without_the_attach_wait() -> No
     before = _thread_cgroups()
     try:
         assert set(cg.dirs) == {"memory", "pids"} & set(HOST.bases)  # no cgroup2 (whole processes), no freezer
-        start = time.perf_counter()
         back = cg.enter_as_thread(HOST.mounts)
-        joined = time.perf_counter() - start
         try:
             child = subprocess.Popen(["sleep", "60"])  # spawned by this thread: starts inside
         finally:
@@ -226,8 +225,6 @@ def test_a_thread_joins_spawns_inside_and_leaves_without_the_attach_wait() -> No
         cg.set_limits(limits)
         with open(os.path.join(cg.dirs["pids"], "pids.max")) as f:
             assert f.read().strip() == "8"  # the limit, plus the process corral spawned inside
-        # No RCU grace period (6-20 ms here): the write named no pid, so no kernel-wide lock.
-        assert joined < 0.005, f"joining took {joined * 1000:.1f} ms"
         cg.kill()
         assert child.wait(timeout=10) != 0
     finally:
