@@ -157,15 +157,14 @@ class Agent:
         env = {str(k): str(v) for k, v in message.get("env", {}).items()}
         cwd = message.get("cwd") or "/"
         search = env.get("PATH")
-        searched_by_spawn = search is not None and not self.command_rlimits
-        if search is not None and searched_by_spawn:
+        if search is not None and not self.command_rlimits:
             # posix_spawnp searches PATH in C (from our own environment, so it gets the command's),
             # with the same verdicts as _find_program: the first executable file, else EACCES or ENOENT.
-            path = argv[0]
+            path, spawn = argv[0], os.posix_spawnp
             if os.environ.get("PATH") != search:
                 os.environ["PATH"] = search
         else:
-            path = _find_program(argv[0], search or "", cwd)
+            path, spawn = _find_program(argv[0], search or "", cwd), os.posix_spawn
             if isinstance(path, int):
                 self._fail(status_fd, path, argv[0])
                 return False
@@ -183,7 +182,6 @@ class Agent:
             if self.command_rlimits:
                 pid = self._fork_exec(path, argv, env, stdin_fd, stdout_fd, stderr_fd)
             else:
-                spawn = os.posix_spawnp if searched_by_spawn else os.posix_spawn
                 pid = spawn(path, argv, env, file_actions=actions, setsid=True, setsigmask=())
         except OSError as exc:
             self._fail(status_fd, exc.errno or errno.EIO, argv[0])

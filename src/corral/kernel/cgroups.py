@@ -449,8 +449,10 @@ def _needed(hierarchy: str, limits: Limits, bases: dict[str, str], *, by_thread:
         return limits.pids is not None
     if hierarchy == "cpu":
         return limits.cpus is not None
-    if hierarchy in ("freezer", "unified"):
-        return not by_thread and (hierarchy == "unified" or "unified" not in bases)
+    if hierarchy == "unified":
+        return not by_thread
+    if hierarchy == "freezer":
+        return not by_thread and "unified" not in bases
     return True
 
 

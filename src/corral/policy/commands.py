@@ -48,7 +48,7 @@ ALLOW_ALL = Decision(action="allow", rule="default: no command rules")
 class _Pattern:
     __slots__ = ("first", "matchers", "rest", "text", "verdict", "words")
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, action: Action) -> None:
         import fnmatch
         import re
         import shlex
@@ -65,7 +65,7 @@ class _Pattern:
         first = self.matchers[0]
         self.first = first if isinstance(first, str) else None
         self.rest = self.matchers[1:]
-        self.verdict: Decision = ALLOW_ALL  # set by CommandRules: one immutable Decision per rule
+        self.verdict = Decision(action=action, rule=f"{action}: {text}")  # one immutable Decision per rule
 
     def matches(self, argv: Sequence[str], base: str) -> bool:
         """Whether `argv` (whose program's base name is `base`) starts with this pattern."""
@@ -148,11 +148,9 @@ def _compile(text: str, where: str, action: Action) -> _Pattern:
     from corral.errors import ConfigError
 
     try:
-        pattern = _Pattern(text)
+        return _Pattern(text, action)
     except ValueError as exc:
         raise ConfigError(f"bad command pattern {text!r}: {exc}", where=where) from None
-    pattern.verdict = Decision(action=action, rule=f"{action}: {text}")
-    return pattern
 
 
 def _unwrap(argv: list[str]) -> list[str]:
