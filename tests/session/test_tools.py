@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -78,6 +80,42 @@ def test_write_and_edit_are_steps(session: Session) -> None:
     os.chmod(Path(session.workspace, "scripts/run.sh"), 0o755)
     session.edit_file("scripts/run.sh", "./app", "exec ./app")
     assert os.stat(Path(session.workspace, "scripts/run.sh")).st_mode & 0o777 == 0o755
+
+
+def _at_a_second_start() -> None:
+    """Sleep to just past a whole second, so the next few calls share one."""
+    time.sleep(1.02 - time.time() % 1)
+
+
+def test_a_same_size_edit_is_not_hidden_by_cached_bytecode(session: Session) -> None:
+    """Python takes a .pyc as fresh when the source's mtime (in whole seconds) and size match: an edit
+    that keeps the size within the second must still run the new code, and unrelated bytecode stays."""
+    ws = Path(session.workspace)
+    run = "python3 -c 'import calcpy; print(calcpy.add(2, 3))'"
+    for _ in range(3):
+        _at_a_second_start()
+        session.write_file("calcpy.py", "def add(a, b):\n    return a - b\n")
+        assert session.bash(run).result.stdout.strip() == b"-1"
+        compiled = ws / "__pycache__" / f"calcpy.cpython-{sys.version_info.major}{sys.version_info.minor}.pyc"
+        # A pytest-rewritten twin of it goes too; bytecode of another module whose name starts alike stays.
+        twin = compiled.with_name("calcpy.cpython-311-pytest-8.3.3.pyc")
+        other = compiled.with_name("calcpy2.cpython-311.pyc")
+        twin.write_bytes(compiled.read_bytes())
+        other.write_bytes(compiled.read_bytes())
+        before = int(os.stat(ws / "calcpy.py").st_mtime)
+        session.edit_file("calcpy.py", "a - b", "a * b")
+        if int(os.stat(ws / "calcpy.py").st_mtime) == before:
+            break
+    else:
+        pytest.fail("the edit never landed in the second the bytecode was written")
+    assert not twin.exists() and other.exists()
+    assert session.bash(run).result.stdout.strip() == b"6"
+    # The same through write_file and through a rollback that restores the old text.
+    written = session.step
+    session.write_file("calcpy.py", "def add(a, b):\n    return a + b\n")
+    assert session.bash(run).result.stdout.strip() == b"5"
+    session.rollback(written)
+    assert session.bash(run).result.stdout.strip() == b"6"
 
 
 def test_edit_errors_are_clear(session: Session) -> None:

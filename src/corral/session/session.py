@@ -32,8 +32,8 @@ from corral.backends.base import Result
 from corral.errors import ConfigError, SessionError, ToolError
 from corral.policy.model import Policy
 from corral.sandbox import Sandbox, new_id
+from corral.session import bytecode, tools
 from corral.session import store as st
-from corral.session import tools
 from corral.session.fsafe import Root, Unsafe, remove_tree, split
 from corral.session.gitstore import EMPTY_TREE, EXEC, LINK, GitStore
 from corral.session.history import Changes, History, Step
@@ -649,6 +649,7 @@ class Session:
                     self.root.symlink_atomic(path, data)
                 else:
                     self.root.write_atomic(path, [data], mode=0o755 if mode == EXEC else 0o644)
+                    bytecode.drop_stale(self.root, path)
                 return
             except (IsADirectoryError, NotADirectoryError, FileExistsError, PermissionError, Unsafe):
                 if attempt == 2:

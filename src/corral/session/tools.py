@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from corral._record import Record
 from corral.backends.base import Result
 from corral.errors import PolicyDenied, ToolError
+from corral.session import bytecode
 from corral.session.fsafe import Root, Unsafe, join
 
 MAX_READ_BYTES = 8 << 20  # read_file and edit_file refuse larger files
@@ -431,6 +432,7 @@ def _write(ctx: ToolContext, rel: bytes, data: bytes, shown: str, tool: str) -> 
         ) from None
     except PermissionError:
         raise ToolError(f"cannot write {shown}: permission denied", tool=tool) from None
+    bytecode.drop_stale(ctx.root, rel)
     return st is None
 
 
