@@ -110,20 +110,26 @@ def test_weaker_backend_when_accepted(policy: corral.Policy) -> None:
 
 
 def test_a_full_sandbox_names_the_pids_limit_for_a_command_it_cannot_start(policy: corral.Policy) -> None:
+    """The agent and two running commands fill a pids limit of 3: the next command is refused
+    before it starts, with the limit named (not left to fail inside as `Cannot fork`)."""
     import threading
 
     with corral.Sandbox(policy.with_limits(pids=3), backend="namespace") as sb:
+        running = [threading.Event(), threading.Event()]
         results: list[corral.Result] = []
 
-        def run() -> None:
-            results.append(sb.exec(["/bin/sh", "-c", "sleep 1"]))
+        def hold(up: threading.Event) -> None:
+            # `exec` keeps it one process: the shell becomes the sleep once it has said so.
+            results.append(sb.exec(["/bin/sh", "-c", "echo up; exec sleep 2"], on_output=lambda *_: up.set()))
 
-        threads = [threading.Thread(target=run) for _ in range(4)]
-        for t in threads:
+        holders = [threading.Thread(target=hold, args=(up,)) for up in running]
+        for t in holders:
             t.start()
-        for t in threads:
+        assert all(up.wait(10) for up in running), results
+        refused = sb.exec(["/bin/true"])
+        for t in holders:
             t.join()
-        refused = [r for r in results if "not started" in r.detail]
-        assert refused, results
-        assert all(r.reason == "pids" and "pids limit (3)" in r.detail and r.returncode == 126 for r in refused)
+        assert [r.returncode for r in results] == [0, 0], results
+        assert refused.reason == "pids" and refused.returncode == 126, refused
+        assert "not started" in refused.detail and "pids limit (3)" in refused.detail, refused
         assert sb.exec(["/bin/true"]).ok
