@@ -21,7 +21,8 @@ _HEADER = 16  # magic, flags, source mtime, source size (PEP 552)
 
 def drop_stale(root: Root, rel: bytes) -> list[bytes]:
     """Remove the timestamp-checked bytecode of the source `rel` that names its current mtime and
-    size; return the removed paths."""
+    size; return the removed paths. Best effort: the source is written already, so what cannot be
+    read or removed (a `__pycache__` the agent made read-only) is left, never an error."""
     if not rel.endswith(b".py"):
         return []
     st = root.lstat(rel)
@@ -34,7 +35,7 @@ def drop_stale(root: Root, rel: bytes) -> list[bytes]:
     fooled = struct.pack("<III", 0, int(st.st_mtime) & 0xFFFFFFFF, st.st_size & 0xFFFFFFFF)
     try:
         entries = root.listdir(cache)
-    except (FileNotFoundError, NotADirectoryError, Unsafe):
+    except (OSError, Unsafe):
         return []
     removed = []
     for entry, est in entries:
@@ -47,8 +48,15 @@ def drop_stale(root: Root, rel: bytes) -> list[bytes]:
             continue
         try:
             header = os.read(fd, _HEADER)
+        except OSError:
+            header = b""
         finally:
             os.close(fd)
-        if header[4:] == fooled and root.unlink(path):
-            removed.append(path)
+        if header[4:] != fooled:
+            continue
+        try:
+            if root.unlink(path):
+                removed.append(path)
+        except OSError:
+            continue
     return removed
