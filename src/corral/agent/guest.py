@@ -54,7 +54,9 @@ FD_STATUS = 4
 FD_BLOCK = 5
 FD_ETC = 6
 _HIGH_FD = 64
-_DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP)
+# Every signal starts at its default in a command. Named, each costs glibc's posix_spawn child one
+# system call instead of two (it asks for the handler of any signal it is not told about, then resets it).
+_DEFAULT_SIGNALS = tuple(sorted(set(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}))
 
 
 def find_port(wanted: str = PORT_NAME) -> str:
