@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import select
 import socket
@@ -17,6 +16,17 @@ from corral.kernel.spawn import memfd_with
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
+
+
+def _status(text: bytes) -> dict[str, object] | None:
+    """The first line an agent wrote on a status pipe; None when it wrote nothing (it died) or
+    nothing an agent of ours writes (one a command took over is no longer trusted: lost too)."""
+    line = text.strip().split(b"\n", 1)[0]
+    try:
+        value = protocol.decode(line) if line else None
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 class AgentReply:
@@ -139,7 +149,7 @@ class AgentClient:
             kill=kill,
         )
         text = pumped.get("status").strip()
-        reply = AgentReply(json.loads(text.splitlines()[0]) if text else None)
+        reply = AgentReply(_status(text))
         return reply, pumped
 
     def signal(self, exec_id: int, sig: int) -> None:
@@ -184,7 +194,7 @@ class AgentClient:
                 text += chunk
         finally:
             os.close(status_r)
-        return AgentReply(json.loads(text.splitlines()[0]) if text.strip() else None)
+        return AgentReply(_status(text))
 
     def stop(self) -> None:
         try:
