@@ -43,6 +43,7 @@ def test_suite_as_unprivileged_user() -> None:
         "tests/cli/test_run.py",
         "tests/test_api.py",
         "tests/backends/test_conformance.py",
+        "tests/backends/test_limit_reports.py",
         "tests/session",
         "tests/net/test_sandbox.py",
         "tests/net/test_netns.py",

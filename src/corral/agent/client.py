@@ -68,9 +68,12 @@ class AgentClient:
         self._lock = threading.Lock()
         self._next_id = 0
         self.info: dict[str, object] = {}
+        self.rlimits: frozenset[str] = frozenset()  # the names of those the agent runs under (hello)
 
     def handshake(self, hello: dict[str, object], *, fds: Sequence[int] = (), timeout: float = 15.0) -> None:
         """Send the confinement and wait until the agent says it is ready (or why it is not)."""
+        rlimits = hello.get("rlimits")
+        self.rlimits = frozenset(str(name) for name in rlimits) if isinstance(rlimits, dict) else frozenset()
         protocol.send(self.sock, {"op": "hello", **hello}, list(fds))
         poller = select.poll()
         poller.register(self.sock.fileno(), select.POLLIN)

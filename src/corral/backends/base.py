@@ -133,7 +133,7 @@ class Result(Record):
     """
 
     __slots__ = (
-        "argv", "detail", "peak_memory", "reason", "returncode", "rule", "signal",
+        "argv", "detail", "note", "peak_memory", "reason", "returncode", "rule", "signal",
         "stderr", "stderr_truncated", "stdout", "stdout_truncated", "wall_time",
     )  # fmt: skip
     argv: tuple[str, ...]
@@ -148,6 +148,7 @@ class Result(Record):
     stdout_truncated: bool
     stderr_truncated: bool
     rule: str | None
+    note: str  # a limit that may explain a failure corral cannot attribute for sure ("" otherwise)
 
     def __init__(
         self,
@@ -164,13 +165,14 @@ class Result(Record):
         stdout_truncated: bool = False,
         stderr_truncated: bool = False,
         rule: str | None = None,
+        note: str = "",
     ) -> None:
         if reason not in REASONS:
             raise ValueError(f"unknown reason {reason!r}")
         self._set(
             argv=tuple(argv), returncode=returncode, stdout=stdout, stderr=stderr, reason=reason,
             detail=detail, signal=signal, wall_time=wall_time, peak_memory=peak_memory,
-            stdout_truncated=stdout_truncated, stderr_truncated=stderr_truncated, rule=rule,
+            stdout_truncated=stdout_truncated, stderr_truncated=stderr_truncated, rule=rule, note=note,
         )  # fmt: skip
 
     @property
@@ -205,6 +207,7 @@ class Result(Record):
             "stdout_truncated": self.stdout_truncated,
             "stderr_truncated": self.stderr_truncated,
             "rule": self.rule,
+            "note": self.note,
         }
 
 

@@ -10,7 +10,7 @@ from corral.errors import PolicyDenied, SandboxLost
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping, Sequence
+    from collections.abc import Callable, Collection, Mapping, Sequence
 
     from corral.agent.client import AgentClient
     from corral.backends.base import OutputCallback
@@ -29,6 +29,7 @@ class AgentSandbox(LiveSandbox):
         cgroup: Cgroup | None,
         teardown: Callable[[], None],
         path_map: Mapping[str, str] | None = None,
+        rlimits: Collection[str] | None = None,
     ) -> None:
         self.backend = backend
         self.id = sandbox_id
@@ -38,6 +39,8 @@ class AgentSandbox(LiveSandbox):
         self._teardown = teardown
         # Sandbox paths the backend shows elsewhere (a tmpfs emulated by a private host directory).
         self._path_map = dict(path_map or {})
+        # The rlimits commands run under: set on the sandbox by its launcher, else the agent's own (hello).
+        self.rlimits = frozenset(rlimits) if rlimits is not None else client.rlimits
 
     def exec(
         self,
@@ -79,7 +82,7 @@ class AgentSandbox(LiveSandbox):
         # Peak memory per exec comes from the agent's wait4 (the command and what it waited for);
         # the cgroup is shared by the whole sandbox, so it only explains OOM kills and pids refusals.
         return classify(argv, returncode, pumped, limits=limits, timeout=timeout, wall_time=wall,
-                        cgroup=self.cgroup, maxrss=reply.maxrss, cgroup_peak=False)  # fmt: skip
+                        cgroup=self.cgroup, maxrss=reply.maxrss, cgroup_peak=False, rlimits=self.rlimits)  # fmt: skip
 
     def put_file(self, path: str, data: bytes, *, mode: int = 0o644) -> None:
         reply = self.client.put_file(self._absolute(path), data, mode)

@@ -9,7 +9,7 @@ from corral.units import format_duration, format_size
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Collection, Sequence
 
     from corral.backends.base import Reason
     from corral.kernel.cgroups import Cgroup
@@ -32,8 +32,10 @@ def classify(
     cgroup: Cgroup | None = None,
     maxrss: int | None = None,
     cgroup_peak: bool = True,
+    rlimits: Collection[str] = (),
 ) -> Result:
-    """`returncode` follows subprocess: negative for a signal."""
+    """`returncode` follows subprocess: negative for a signal. `rlimits`: the names of the rlimits
+    the sandbox's commands run under (RLIMIT_DATA, RLIMIT_NPROC stand in for missing cgroups)."""
     signal = -returncode if returncode < 0 else None
     # A shell reports its child's death by signal N as exit status 128+N.
     child_signal = returncode - 128 if 128 < returncode <= 128 + 64 else None
@@ -61,6 +63,8 @@ def classify(
         reason, detail = "signal", f"killed by signal {signal}"
     else:
         reason, detail = "exited", "" if returncode == 0 else f"exit status {returncode}"
+    failed = reason in ("exited", "signal") and returncode != 0
+    note = _rlimit_note(limits, rlimits, pumped.get("stderr")) if failed and rlimits else ""
     return Result(
         argv=argv,
         returncode=returncode,
@@ -73,7 +77,26 @@ def classify(
         stderr_truncated=pumped.truncated.get("stderr", False),
         wall_time=wall_time,
         peak_memory=peak,
+        note=note,
     )
+
+
+def _rlimit_note(limits: Limits, rlimits: Collection[str], stderr: bytes) -> str:
+    """What an rlimit standing in for a cgroup may have done: it makes an allocation or a fork fail
+    inside the command, which then ends as it chooses, and nothing counts it. So the note names the
+    memory limit on any failure (only a caller sets one), the pids limit (every profile has one)
+    only when the command's captured stderr says a fork or a thread failed."""
+    notes = []
+    if limits.memory is not None and "RLIMIT_DATA" in rlimits:
+        notes.append(f"the memory limit {format_size(limits.memory)} is a per-process RLIMIT_DATA here (no memory "
+                     "cgroup): an allocation over it fails inside the command instead of ending it")  # fmt: skip
+    if limits.pids is not None and "RLIMIT_NPROC" in rlimits and any(sign in stderr for sign in _FORK_FAILED):
+        notes.append(f"the pids limit ({limits.pids}) is an RLIMIT_NPROC here: a fork over it fails inside the command")
+    return "; ".join(notes)
+
+
+# How shells and runtimes report a refused fork or thread (EAGAIN): sh, bash, Python, glibc's strerror.
+_FORK_FAILED = (b"fork", b"Resource temporarily unavailable", b"can't start new thread", b"Cannot create thread")
 
 
 def not_started(

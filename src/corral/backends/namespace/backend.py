@@ -187,7 +187,7 @@ class NamespaceBackend(Backend):
                 why = pumped.get("stderr").decode(errors="replace").strip() or "see the messages above"
                 raise LaunchError(f"the sandbox failed to start: {why}")
             return classify(argv, shell_to_subprocess(status), pumped, limits=rp.limits, timeout=timeout,
-                            wall_time=wall, cgroup=launched.cgroup)  # fmt: skip
+                            wall_time=wall, cgroup=launched.cgroup, rlimits=launched.rlimits)  # fmt: skip
         finally:
             launched.kill()
             launched.wait()
@@ -257,7 +257,7 @@ class NamespaceBackend(Backend):
                 raise LaunchError(f"{exc}: {teardown_log}") from exc
             raise
         return AgentSandbox(backend=self.name, sandbox_id=sandbox_id, rp=rp, client=client,
-                            cgroup=launched.cgroup, teardown=teardown)  # fmt: skip
+                            cgroup=launched.cgroup, teardown=teardown, rlimits=launched.rlimits)  # fmt: skip
 
 
 def shell_to_subprocess(code: int) -> int:

@@ -188,10 +188,12 @@ def nproc_is_per_sandbox() -> bool:
 class Launched:
     """A running bubblewrap: its monitor process, the sandbox's init pid, its cgroup."""
 
-    def __init__(self, monitor: Child, sandbox_pid: int, cgroup: Cgroup | None, status_fd: int) -> None:
+    def __init__(self, monitor: Child, sandbox_pid: int, cgroup: Cgroup | None, status_fd: int,
+                 rlimits: frozenset[str] = frozenset()) -> None:  # fmt: skip
         self.monitor = monitor
         self.sandbox_pid = sandbox_pid
         self.cgroup = cgroup
+        self.rlimits = rlimits  # the names of the rlimits set on the sandbox
         self._status_fd = status_fd
         self._status_text = b""
 
@@ -334,7 +336,7 @@ def launch(
         opened.remove(block_w)
         os.set_blocking(status_r, False)
         opened.remove(status_r)
-        return Launched(monitor, sandbox_pid, cgroup, status_r)
+        return Launched(monitor, sandbox_pid, cgroup, status_r, frozenset(rlimits))
     except BaseException as exc:
         if monitor is not None:
             _abandon(monitor, sandbox_pid)

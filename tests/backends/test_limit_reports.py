@@ -1,0 +1,65 @@
+"""A memory or pids limit that ends (or fails) a command is named, whether a cgroup or an rlimit holds it.
+
+As root here the limits are cgroups, which count what they refused: the Result's reason says so.
+As an ordinary user (tests/test_unprivileged.py runs this file again) they are rlimits, which make
+an allocation or a fork fail inside the command and count nothing: the Result's note names them.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import corral
+from corral.backends.base import Result
+
+HOG = ["python3", "-c", "b = bytearray(512 * 2**20)"]
+FORKS = ["/bin/sh", "-c", "for i in $(seq 60); do sleep 3 & done; wait"]
+
+
+@pytest.fixture
+def policy(tmp_path: object) -> corral.Policy:
+    return corral.Policy.workspace(str(tmp_path))
+
+
+def _check_memory(r: Result) -> None:
+    assert r.returncode != 0, r
+    if r.reason == "memory":  # a cgroup: the kill is counted
+        assert "memory limit 64M" in r.detail, r
+    else:  # an rlimit: Python's MemoryError, and the note naming the limit
+        assert r.reason == "exited" and b"MemoryError" in r.stderr, r
+        assert "memory limit 64M" in r.note and "RLIMIT_DATA" in r.note, r
+
+
+def _check_pids(r: Result) -> None:
+    assert r.returncode != 0, r
+    if r.reason == "pids":
+        assert "pids limit (20)" in r.detail, r
+    else:
+        assert r.reason == "exited" and b"fork" in r.stderr, r
+        assert "pids limit (20)" in r.note and "RLIMIT_NPROC" in r.note, r
+
+
+def test_a_memory_hog_is_named_in_a_one_shot_and_a_live_sandbox(policy: corral.Policy) -> None:
+    limited = policy.with_limits(memory=64 << 20)
+    _check_memory(corral.run(HOG, policy=limited, backend="namespace"))
+    with corral.Sandbox(limited, backend="namespace") as sb:
+        _check_memory(sb.exec(HOG))
+        ok = sb.exec(["/bin/sh", "-c", "exit 3"])
+        assert ok.returncode == 3 and ok.reason == "exited", ok
+        # Any failure may be the rlimit's doing: the note stays, but only when it is an rlimit.
+        assert ("RLIMIT_DATA" in ok.note) == (ok.note != ""), ok
+
+
+def test_a_fork_loop_is_named_in_a_one_shot_and_a_live_sandbox(policy: corral.Policy) -> None:
+    limited = policy.with_limits(pids=20)
+    _check_pids(corral.run(FORKS, policy=limited, backend="namespace"))
+    with corral.Sandbox(limited, backend="namespace") as sb:
+        _check_pids(sb.exec(FORKS))
+        # The pids limit (every profile has one) is not named for a failure that says nothing of a fork.
+        plain = sb.exec(["/bin/sh", "-c", "echo no >&2; exit 1"])
+        assert plain.returncode == 1 and plain.note == "", plain
+
+
+def test_a_command_that_succeeds_carries_no_note(policy: corral.Policy) -> None:
+    r = corral.run(["/bin/true"], policy=policy.with_limits(memory=64 << 20, pids=20), backend="namespace")
+    assert r.ok and r.note == "" and r.as_json()["note"] == "", r
