@@ -73,7 +73,13 @@ class ToolError(CorralError):
 
 
 class SessionError(CorralError):
-    """A workspace session cannot be created, opened or changed as asked (unknown name, in use, ...)."""
+    """A workspace session cannot be created, opened or changed as asked (in use, damaged, ...)."""
+
+
+class SessionNameError(SessionError):
+    """The caller named a session or a step that does not exist, or a name that is taken: bad usage."""
+
+    exit_code = EXIT_USAGE
 
 
 class BackendError(CorralError):

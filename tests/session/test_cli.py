@@ -64,7 +64,9 @@ def test_a_whole_session_from_the_command_line(project: Path, data_dir: Path) ->
     assert rolled == {"rolled_back_to": 0, "step": 5}
     listed = cli_json("list")
     assert [(s["name"], s["steps"]) for s in listed] == [("cli", 5)]  # type: ignore[index]
-    assert cli_json("rm", "cli") == {"removed": ["cli"]}
+    # The rollback undid calc.c, which the project has synced: a change the project lacks.
+    assert corral_cli("session", "rm", "cli").returncode == 2
+    assert cli_json("rm", "cli", "--yes") == {"removed": ["cli"]}
     assert cli_json("list") == []
 
 
@@ -85,3 +87,31 @@ def test_start_uses_the_project_config(project: Path, data_dir: Path, tmp_path: 
     cli_json("start", "--name", "cfg", "--project", str(project), cwd=elsewhere)
     r = corral_cli("session", "exec", "cfg", "--", "rm", "README.md")
     assert r.returncode == 122
+
+
+def test_names_that_do_not_exist_are_usage_errors(project: Path, data_dir: Path) -> None:
+    for args in (["exec", "nope", "--", "true"], ["diff", "nope"], ["log", "nope"], ["rm", "nope"],
+                 ["rollback", "nope", "0"]):  # fmt: skip
+        r = corral_cli("session", *args)
+        assert r.returncode == 2 and b"no session named 'nope'" in r.stderr, (args, r.stderr)
+    cli_json("start", "--name", "once", "--project", str(project))
+    r = corral_cli("session", "start", "--name", "once", "--project", str(project))
+    assert r.returncode == 2 and b"exists already" in r.stderr and b"Session.open" not in r.stderr, r.stderr
+    for args in (["diff", "once", "--step", "99"], ["rollback", "once", "99"]):
+        r = corral_cli("session", *args)
+        assert r.returncode == 2 and b"no step 99" in r.stderr, (args, r.stderr)
+
+
+def test_rm_keeps_work_that_was_not_synced_unless_told(project: Path, data_dir: Path) -> None:
+    cli_json("start", "--name", "work", "--project", str(project))
+    assert corral_cli("session", "exec", "work", "--", "sh", "-c", "echo new > added.txt").returncode == 0
+    r = corral_cli("session", "rm", "work", input=b"")  # no terminal: refuses rather than asks
+    assert r.returncode == 2 and b"1 change(s) not synced" in r.stderr and b"--yes" in r.stderr, r.stderr
+    assert [s["name"] for s in cli_json("list")] == ["work"]  # type: ignore[index]
+    cli_json("sync", "work", "--yes")
+    assert (project / "added.txt").read_text() == "new\n"
+    assert cli_json("rm", "work") == {"removed": ["work"]}  # everything synced: no question
+    cli_json("start", "--name", "again", "--project", str(project))
+    corral_cli("session", "exec", "again", "--", "sh", "-c", "echo more >> added.txt")
+    assert cli_json("rm", "again", "--yes") == {"removed": ["again"]}
+    assert (project / "added.txt").read_text() == "new\n"

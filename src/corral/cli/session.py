@@ -21,7 +21,7 @@ import time
 
 from rich.console import Console
 
-from corral.errors import EXIT_USAGE, ConfigError
+from corral.errors import EXIT_USAGE, ConfigError, SessionError, SessionNameError
 
 USAGE = """usage: corral session COMMAND [ARGS]
 
@@ -39,7 +39,7 @@ commands:
   sync NAME [--yes] [--delete] [--dry-run] [PATHS...]
                                       write the changes back to the project (asks unless --yes)
   list                                the sessions
-  rm NAME                             delete a session
+  rm NAME [--yes]                     delete a session (asks first when it holds unsynced changes)
 
 Every command takes --json. Sessions live in $XDG_DATA_HOME/corral/sessions (~/.local/share/...)."""
 
@@ -450,10 +450,15 @@ def _list(args: list[str]) -> int:
 def _rm(args: list[str]) -> int:
     from corral.session import remove_session
 
-    parser = argparse.ArgumentParser(prog="corral session rm", description="Delete sessions.")
+    parser = argparse.ArgumentParser(prog="corral session rm", description="Delete sessions (asks first when one "
+                                     "holds changes not synced to its project, unless --yes).")  # fmt: skip
     parser.add_argument("names", nargs="+")
+    parser.add_argument("--yes", "-y", action="store_true", help="delete unsynced changes without asking")
     parser.add_argument("--json", action="store_true")
     opts = parser.parse_args(args)
+    for name in opts.names:
+        if not opts.yes:
+            _confirm_discard(name, interactive=not opts.json and sys.stdin.isatty())
     for name in opts.names:
         remove_session(name)
     if opts.json:
@@ -461,6 +466,30 @@ def _rm(args: list[str]) -> int:
     else:
         print("removed " + ", ".join(opts.names))
     return 0
+
+
+def _confirm_discard(name: str, *, interactive: bool) -> None:
+    """Raise unless the session holds no change the project lacks, or the user says to drop them:
+    the agent's work in a session is the user's data too."""
+    from corral.session import Session
+
+    try:
+        with Session.open(name) as session:
+            pending = session.sync(None, delete=True, dry_run=True).with_status("pending", "conflict")
+            project = session.project
+    except SessionNameError:
+        raise
+    except SessionError as exc:  # its project gone, its history damaged, ...: nothing to compare with
+        raise SessionError(f"cannot tell whether session {name!r} holds unsynced changes ({exc}); "
+                           "pass --yes to delete it anyway") from None  # fmt: skip
+    if not pending:
+        return
+    what = f"session {name!r} holds {len(pending)} change(s) not synced to {project}"
+    if not interactive:
+        raise ConfigError(f"{what}: sync them first, or pass --yes to delete them", where="corral session rm")
+    answer = input(f"{what}; delete them with the session? [y/N] ").strip().lower()
+    if answer not in ("y", "yes"):
+        raise ConfigError(f"{name!r} kept", where="corral session rm")
 
 
 _COMMANDS = {

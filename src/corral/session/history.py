@@ -11,7 +11,7 @@ import json
 import os
 
 from corral._record import Record
-from corral.errors import SessionError
+from corral.errors import SessionNameError
 from corral.session.gitstore import BRANCH, GitStore
 
 TRAILER = "Corral-Step: "
@@ -169,7 +169,7 @@ class History:
 
     def commit_of(self, number: int) -> str:
         if not 0 <= number < len(self.commits):
-            raise SessionError(f"no step {number}: this session has steps 0 to {self.last}")
+            raise SessionNameError(f"no step {number}: this session has steps 0 to {self.last}")
         return self.commits[number]
 
     def tree_of(self, number: int) -> str:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from corral.audit import AuditLog, redact_argv
 from corral.backends.base import Result
-from corral.errors import ConfigError, SessionError, ToolError
+from corral.errors import ConfigError, SessionError, SessionNameError, ToolError
 from corral.policy.model import Policy
 from corral.sandbox import Sandbox, new_id
 from corral.session import bytecode, tools
@@ -88,9 +88,7 @@ class Session:
             raise ConfigError(f"{project} is not a directory", where="project")
         final = st.session_path(name, data_dir)
         if os.path.exists(final):
-            raise SessionError(
-                f"a session named {name!r} exists already; open it with Session.open({name!r}) or remove it first"
-            )
+            raise SessionNameError(f"a session named {name!r} exists already: open it, or remove it first")
         from corral.backends import registry
 
         chosen, caps = registry.choose(backend, min_backend=min_backend)
@@ -153,7 +151,7 @@ class Session:
             try:
                 os.rename(building, final)
             except OSError:
-                raise SessionError(f"a session named {name!r} was created meanwhile") from None
+                raise SessionNameError(f"a session named {name!r} was created meanwhile") from None
         except BaseException:
             remove_tree(building)
             raise
@@ -177,7 +175,7 @@ class Session:
         """
         directory = st.session_path(name, data_dir)
         if not os.path.isdir(directory):
-            raise SessionError(f"no session named {name!r} (corral session list shows them)")
+            raise SessionNameError(f"no session named {name!r} (corral session list shows them)")
         self = cls.__new__(cls)
         self.copy_report = None
         self._open(directory, approver=approver)

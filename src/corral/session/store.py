@@ -20,7 +20,7 @@ import os
 import re
 
 from corral._record import Record
-from corral.errors import ConfigError, SessionError
+from corral.errors import ConfigError, SessionError, SessionNameError
 from corral.policy.model import Commands, Env, Limits, Network, Policy, Zone
 
 STATE_VERSION = 1
@@ -219,7 +219,7 @@ def remove_session(name: str, data_dir: str | None = None) -> None:
 
     directory = session_path(name, data_dir)
     if not os.path.isdir(directory):
-        raise SessionError(f"no session named {name!r}")
+        raise SessionNameError(f"no session named {name!r} (corral session list shows them)")
     lock = Lock(directory, name)
     try:
         doomed = os.path.join(os.path.dirname(directory), f".{name}.removing-{os.urandom(4).hex()}")
