@@ -8,6 +8,8 @@ from corral.backends import registry
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from corral.backends.base import Capabilities
 
 
@@ -28,7 +30,8 @@ def host_facts() -> dict[str, object]:
         name = name.split("/", 1)[1]
         try:
             with open(path) as f:
-                facts[name] = f.read().strip()
+                text = f.read().strip()
+            facts[name] = int(text) if text.isdigit() else text
         except OSError:
             pass
     try:
@@ -41,10 +44,12 @@ def host_facts() -> dict[str, object]:
     return facts
 
 
-def probe_all() -> list[Capabilities]:
-    """Every backend, probed afresh (no cache), strongest first."""
+def probe_all(names: Sequence[str] = ()) -> list[Capabilities]:
+    """Every backend (or those named), probed afresh (no cache), strongest first."""
+    for name in names:
+        registry.strength_of(name)  # an unknown name is a ConfigError naming the known ones
     out = []
-    for name in sorted(registry.known_backends(), key=registry.strength_of, reverse=True):
+    for name in sorted(names or registry.known_backends(), key=registry.strength_of, reverse=True):
         try:
             backend = registry.create(name)
             out.append(registry.probe(backend, fresh=True))

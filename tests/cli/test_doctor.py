@@ -19,3 +19,16 @@ def test_doctor_json_names_every_backend_with_a_reason() -> None:
 def test_doctor_table() -> None:
     r = corral_cli("doctor")
     assert b"namespace" in r.stdout and b"auto" in r.stdout
+
+
+def test_doctor_checks_only_the_backends_named() -> None:
+    r = corral_cli("doctor", "--json", "process", "namespace")
+    data = json.loads(r.stdout)
+    assert data["checked"] == ["namespace", "process"] == [b["name"] for b in data["backends"]]
+    if isinstance(data["host"].get("max_user_namespaces"), int | str):  # a number, as in /proc/sys
+        assert isinstance(data["host"]["max_user_namespaces"], int)
+    table = corral_cli("doctor", "process", "landlock")
+    assert b"microvm" not in table.stdout and b"gvisor" not in table.stdout
+    assert b"among process, landlock" in table.stdout or b"None of" in table.stdout, table.stdout
+    bad = corral_cli("doctor", "warp")
+    assert bad.returncode == 2 and b"unknown backend 'warp'" in bad.stderr and not bad.stdout

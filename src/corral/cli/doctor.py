@@ -1,4 +1,4 @@
-"""`corral doctor [--json]`: every backend, whether it works here, the exact reason and the fix."""
+"""`corral doctor [BACKEND...] [--json]`: each backend, whether it works here, the exact reason and the fix."""
 
 from __future__ import annotations
 
@@ -7,16 +7,21 @@ import json
 
 
 def doctor_command(args: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="corral doctor", description="Which sandbox backends work on this host.")
+    about = "Which sandbox backends work on this host; each is checked by starting a real sandbox (microvm boots a VM)."
+    parser = argparse.ArgumentParser(prog="corral doctor", description=about)
+    parser.add_argument("backends", nargs="*", metavar="BACKEND", help="check only these (default: all)")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
     opts = parser.parse_args(args)
     from corral.doctor import auto_choice, host_facts, probe_all
 
-    caps = probe_all()
+    caps = probe_all(opts.backends)
     facts = host_facts()
     chosen = auto_choice(caps)
+    # auto's choice among a subset is only that: a stronger backend left out may work too.
+    among = f" (among {', '.join(opts.backends)})" if opts.backends else ""
     if opts.json:
-        print(json.dumps({"host": facts, "auto": chosen, "backends": [c.as_json() for c in caps]}, indent=2))
+        print(json.dumps({"host": facts, "auto": chosen, "checked": [c.name for c in caps],
+                          "backends": [c.as_json() for c in caps]}, indent=2))  # fmt: skip
         return 0 if chosen else 1
     from rich.console import Console
     from rich.table import Table
@@ -38,7 +43,10 @@ def doctor_command(args: list[str]) -> int:
     for key, value in facts.items():
         console.print(f"  {key}: {value}", highlight=False)
     if chosen:
-        console.print(f"\n[bold]auto[/bold] uses [bold green]{chosen}[/bold green] here.")
+        console.print(f"\n[bold]auto[/bold] uses [bold green]{chosen}[/bold green] here{among}.")
         return 0
+    if opts.backends:
+        console.print(f"\n[bold red]None of {', '.join(opts.backends)} works here[/bold red].")
+        return 1
     console.print("\n[bold red]No sandbox backend works here[/bold red]: corral will refuse to run commands.")
     return 1
