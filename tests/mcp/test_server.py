@@ -220,7 +220,14 @@ def test_non_loopback_bind_is_refused_without_a_token(project: Path) -> None:
     r = corral_cli("mcp", "--project", str(project), "--http", "0.0.0.0:8765")
     assert r.returncode == 2 and b"not a loopback address" in r.stderr
     r = corral_cli("mcp", "--project", str(project), "--http", "0.0.0.0:8765", "--allow-remote")
-    assert r.returncode == 2 and b"bearer token" in r.stderr
+    assert r.returncode == 2 and b"bearer token" in r.stderr and b"need --allow-remote" not in r.stderr, r.stderr
+    r = corral_cli("mcp", "--project", str(project), "--http", "0.0.0.0:8765", "--token", "t")
+    assert r.returncode == 2 and b"need --allow-remote" in r.stderr and b"bearer token" not in r.stderr, r.stderr
+
+
+def test_a_wrong_flag_names_the_mcp_command(project: Path) -> None:
+    r = corral_cli("mcp", "--project", str(project), "--bogus")
+    assert r.returncode == 2 and b"corral mcp: unknown flag '--bogus' (see corral mcp --help)" in r.stderr, r.stderr
 
 
 async def test_sync_tool_only_when_allowed(project: Path, data_dir: dict[str, str]) -> None:

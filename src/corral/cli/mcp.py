@@ -34,7 +34,11 @@ def mcp_command(args: list[str]) -> int:
         print(USAGE)
         return 0
     values, switches, run_args = split_own_flags(args, _FLAGS, repeatable=("--exclude",))
-    opts, command = parse_run_args(run_args)
+    try:
+        opts, command = parse_run_args(run_args)
+    except ConfigError as exc:  # the policy flags are corral run's, the mistake is in this command line
+        message = str(exc).removeprefix(f"{exc.where}: ").replace("corral run --help", "corral mcp --help")
+        raise ConfigError(message, where="corral mcp" if exc.where == "corral run" else exc.where) from None
     if command:
         raise ConfigError(f"unexpected argument {command[0]!r}", where="corral mcp")
     project = os.path.realpath(str(values.get("--project") or "."))

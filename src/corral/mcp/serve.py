@@ -33,9 +33,11 @@ def check_bind(host: str, *, allow_remote: bool, token: str | None) -> None:
     if is_loopback(host):
         return
     if not allow_remote or not token:
+        missing = " and ".join(
+            ["--allow-remote"] * (not allow_remote) + ["a bearer token (--token or CORRAL_MCP_TOKEN)"] * (not token)
+        )
         raise ConfigError(
-            f"refusing to serve on {host}, which is not a loopback address: pass --allow-remote and a "
-            "bearer token (--token or CORRAL_MCP_TOKEN) to accept remote clients",
+            f"refusing to serve on {host}, which is not a loopback address: remote clients need {missing}",
             where="--http",
         )
 
