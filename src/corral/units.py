@@ -20,7 +20,7 @@ def parse_size(value: object, *, where: str) -> int:
     if isinstance(value, bool):
         raise ConfigError(f"expected a size such as 512M, got {value!r}", where=where)
     if isinstance(value, int):
-        number = float(value)
+        number: int | float = value
     elif isinstance(value, str):
         text = value.strip().lower()
         digits, unit = _split_number(text)
@@ -31,11 +31,12 @@ def parse_size(value: object, *, where: str) -> int:
             unit = unit[:-1]
         if not digits or digits.count(".") > 1 or unit not in _SIZE_UNITS:
             raise ConfigError(f"expected a size such as 512M or 2G, got {value!r}", where=where)
-        number = float(digits) * _SIZE_UNITS[unit]
+        # Whole numbers stay exact (a float would round 2**63 - 1 up and overflow a huge one).
+        number = int(digits) * _SIZE_UNITS[unit] if "." not in digits else float(digits) * _SIZE_UNITS[unit]
     else:
         raise ConfigError(f"expected a size such as 512M, got {type(value).__name__} {value!r}", where=where)
-    if number <= 0:
-        raise ConfigError(f"must be positive, got {value!r}", where=where)
+    if not number > 0 or number == float("inf"):
+        raise ConfigError(f"must be a positive size, got {value!r}", where=where)
     return int(number)
 
 
@@ -44,7 +45,10 @@ def parse_duration(value: object, *, where: str) -> float:
     if isinstance(value, bool):
         raise ConfigError(f"expected a duration such as 30s, got {value!r}", where=where)
     if isinstance(value, int | float):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # an int past float's range
+            seconds = float("inf")
     elif isinstance(value, str):
         digits, unit = _split_number(value.strip().lower())
         unit = unit.strip()
@@ -53,8 +57,10 @@ def parse_duration(value: object, *, where: str) -> float:
         seconds = float(digits) * _TIME_UNITS[unit]
     else:
         raise ConfigError(f"expected a duration such as 30s, got {type(value).__name__} {value!r}", where=where)
-    if not seconds > 0 or seconds != seconds or seconds == float("inf"):
+    if not seconds > 0:  # also nan
         raise ConfigError(f"must be a positive duration, got {value!r}", where=where)
+    if seconds == float("inf"):
+        raise ConfigError(f"must be a finite duration, got {value!r}", where=where)
     return seconds
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from corral import ConfigError
-from corral.policy.load import find_config, load_config
+from corral.policy.load import find_config, load_config, load_policy
 
 
 def write(path: Path, text: str) -> Path:
@@ -13,8 +13,11 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
-def test_full_config(tmp_path: Path) -> None:
+def test_full_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "data").mkdir()
+    project = tmp_path / "project"
+    project.mkdir()
+    monkeypatch.chdir(project)
     cfg = write(
         tmp_path / "corral.toml",
         """
@@ -54,7 +57,8 @@ set = { FOO = "bar" }
     mounts = {z.mount: z for z in p.zones}
     assert mounts["/data"].host == str(tmp_path / "data") and mounts["/data"].mode == "ro"
     assert mounts["/cache"].size == 100 << 20
-    assert mounts[str(tmp_path)].mode == "rw"  # the workspace defaults to the config's directory
+    # A file named explicitly is a policy: the workspace stays the current directory.
+    assert mounts[str(project)].mode == "rw" and str(tmp_path) not in mounts
     assert p.limits.memory == 1 << 30 and p.limits.pids == 100 and p.limits.cpus == 1.5 and p.limits.timeout == 120
     assert p.commands.deny == ("git push",) and p.commands.ask_timeout == 5.0
     assert p.env.passthrough == ("CI",) and dict(p.env.values) == {"FOO": "bar"}
@@ -68,7 +72,7 @@ set = { FOO = "bar" }
         ("[limits]\nmemory = 'lots'", "limits.memory: expected a size"),
         ("[limits]\npids = -4", "limits.pids: must be positive"),
         ("[limits]\ntimeout = 'soon'", "limits.timeout"),
-        ("[[zones]]\nhost = '.'\nmode = 'rwx'", "zone.mode"),
+        ("[[zones]]\nhost = '.'\nmode = 'rwx'", "zones[0].mode"),
         ("zones = 'x'", "expected a list of zone tables"),
         ("[network]\nmode = 'wifi'", "network.mode"),
         ("[network]\nmode = 'allow'\nallow = ['*']", "not a domain pattern"),
@@ -101,3 +105,68 @@ def test_pyproject_without_section_is_not_a_config(tmp_path: Path) -> None:
 def test_missing_config_file() -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("/nonexistent/corral.toml")
+
+
+def test_an_explicit_config_elsewhere_does_not_move_the_workspace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A --config outside the project made its own folder the read-write workspace (and hid the project)."""
+    policies, project = tmp_path / "policies", tmp_path / "project"
+    policies.mkdir()
+    project.mkdir()
+    cfg = write(policies / "p.toml", '[limits]\ntimeout = "5s"\n')
+    monkeypatch.chdir(project)
+    rw = {z.host for z in load_policy(str(cfg)).zones if z.mode == "rw"}
+    assert rw == {str(project)}
+    other = tmp_path / "other"
+    other.mkdir()
+    assert {z.host for z in load_policy(str(cfg), workspace=str(other)).zones if z.mode == "rw"} == {str(other)}
+    # The file's own `workspace` key still counts, relative to the file.
+    write(cfg, 'workspace = "../other"\n')
+    assert {z.host for z in load_policy(str(cfg)).zones if z.mode == "rw"} == {str(other)}
+
+
+def test_a_config_found_by_search_keeps_its_folder_as_the_workspace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write(tmp_path / "corral.toml", '[limits]\ntimeout = "5s"\n')
+    sub = tmp_path / "src"
+    sub.mkdir()
+    monkeypatch.chdir(sub)
+    assert {z.host for z in load_policy().zones if z.mode == "rw"} == {str(tmp_path)}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[limits]\nmemory = '1k'", "limits.memory: must be at least 4M, got 1024 bytes"),
+        ("[limits]\ncpus = inf", "limits.cpus: must be a number of CPUs from 0.01 to 8192, got inf"),
+        ("[limits]\npids = 99999999999", "limits.pids: must be at most 4194304"),
+        ("[network]\nmode = 'allow'\nallow = ['*']", "network.allow[0]: not a domain pattern"),
+        ("[env]\npass = ['1A']", "env.pass: not a valid variable name: '1A'"),
+        ("[[zones]]\nmount = '/c'\nmode = 'tmpfs'\nsize = 'lots'", "zones[0].size: expected a size"),
+        ("[[zones]]\nmount = 'rel'\nmode = 'tmpfs'", "zones[0].mount: must be an absolute path"),
+        ("[[zones]]\nhost = '/nonexistent-corral'\nmount = '/x'", "zones[0].host: host path /nonexistent-corral does"),
+        ("workspace = '/nonexistent-corral'", "workspace: host path /nonexistent-corral does not exist"),
+        ("backend = 'warp'", "backend: unknown backend 'warp'"),
+        ("min_backend = 'warp'", "min_backend: unknown backend 'warp'"),
+        ("profile = 'lax'", "profile: unknown profile 'lax'"),
+        ("[commands]\nask_timeout = 'soon'", "commands.ask_timeout: expected a duration"),
+        ("this is not toml", "not valid TOML"),
+    ],
+)
+def test_errors_name_the_file_and_its_key_once(tmp_path: Path, text: str, message: str) -> None:
+    """Each said once: not `FILE: FILE is not valid TOML`, not `limits: limits.memory`, not a zone index
+    counted among the profile's zones, never without the file."""
+    cfg = write(tmp_path / "corral.toml", text)
+    with pytest.raises(ConfigError) as info:
+        load_config(str(cfg))
+    assert str(info.value).startswith(f"{cfg}: {message}"), str(info.value)
+    assert str(info.value).count(str(cfg)) == 1
+
+
+def test_a_zone_is_named_by_its_own_index_in_the_file(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    cfg = write(tmp_path / "corral.toml", "[[zones]]\nhost = 'data'\n[[zones]]\nhost = 'gone'\nmount = '/g'\n")
+    with pytest.raises(ConfigError, match=r"corral.toml: zones\[1\]\.host: host path .*/gone does not exist"):
+        load_config(str(cfg))

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from corral import ConfigError, Limits, Network, Policy, Zone
-from corral.policy.model import Commands, Env
+from corral.policy.model import MAX_BYTES, MAX_SECONDS, Commands, Env, relocated
 from corral.policy.profiles import PROFILES, make_profile
 from corral.units import parse_duration, parse_size
 
@@ -129,3 +131,59 @@ def test_commands_validation() -> None:
         Commands(deny="rm -rf /")  # a string, not a list
     with pytest.raises(ConfigError, match="commands.approver"):
         Commands(approver=[])
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("cpus", math.inf), ("cpus", math.nan), ("cpus", -math.inf), ("cpus", 0.001), ("cpus", 8193), ("cpus", 10**400),
+        ("pids", 4_194_305), ("pids", 10**20), ("open_files", (1 << 20) + 1), ("memory", MAX_BYTES + 1),
+        ("memory", "99999999999999999999"), ("output", MAX_BYTES + 1), ("file_size", "9" * 400),
+        ("timeout", MAX_SECONDS + 1), ("timeout", math.inf), ("timeout", 10**400), ("timeout", "3000000"),
+    ],
+)  # fmt: skip
+def test_limits_past_what_the_kernel_takes_are_refused(field: str, value: object) -> None:
+    """`--cpus inf` was an OverflowError traceback, `--pids 1e20` an ERANGE at launch (exit 125) or,
+    as an ordinary user, silently accepted."""
+    with pytest.raises(ConfigError, match=rf"^limits\.{field}: "):
+        Limits(**{field: value})  # type: ignore[arg-type]
+
+
+def test_limits_at_the_kernel_bounds_are_accepted() -> None:
+    top = Limits(cpus=8192, pids=4_194_304, open_files=1 << 20, memory=MAX_BYTES, output=MAX_BYTES,
+                 file_size=str(MAX_BYTES), timeout=MAX_SECONDS)  # fmt: skip
+    assert top.file_size == MAX_BYTES and top.timeout == MAX_SECONDS
+    assert Limits(cpus=0.01).cpus == 0.01
+
+
+def test_limits_take_the_sizes_and_durations_toml_and_flags_take() -> None:
+    policy = Policy.workspace("/srv/p").with_limits(memory="512M", output="1M", file_size="1G", timeout="2m")
+    assert policy.limits.memory == 512 << 20 and policy.limits.output == 1 << 20
+    assert policy.limits.file_size == 1 << 30 and policy.limits.timeout == 120.0
+    for field, bad in (("memory", "lots"), ("output", "5X"), ("file_size", True), ("timeout", "soon")):
+        with pytest.raises(ConfigError, match=rf"^limits\.{field}: expected a"):
+            Limits(**{field: bad})  # type: ignore[arg-type]
+    assert Zone.tmpfs("/cache", size="100M").size == 100 << 20
+    assert Commands(ask_timeout="5s").ask_timeout == 5.0
+    with pytest.raises(ConfigError, match="commands.ask_timeout"):
+        Commands(ask_timeout=math.nan)
+
+
+def test_size_parsing_is_exact_for_whole_numbers() -> None:
+    assert parse_size(MAX_BYTES, where="x") == MAX_BYTES == parse_size(str(MAX_BYTES), where="x")
+    with pytest.raises(ConfigError, match="x: must be a finite duration"):
+        parse_duration(10**400, where="x")
+
+
+@pytest.mark.parametrize("name", ["1A", "", "A=B", "A\0B", 7])
+def test_bad_environment_names_are_refused(name: object) -> None:
+    with pytest.raises(ConfigError, match="env.set: not a valid variable name"):
+        Env(values={name: "1"})  # type: ignore[dict-item]
+    with pytest.raises(ConfigError, match=r"^env\.pass"):
+        Env(passthrough=[name])  # type: ignore[list-item]
+
+
+def test_relocated_says_the_message_once_at_the_new_place() -> None:
+    moved = relocated(ConfigError("must be positive, got 0", where="limits.pids"), "--pids")
+    assert str(moved) == "--pids: must be positive, got 0" and moved.where == "--pids"
+    assert str(relocated(ConfigError("bare"), "f.toml")) == "f.toml: bare"

@@ -65,3 +65,16 @@ def test_environment_is_clean(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
 def test_the_workspace_cannot_be_the_root() -> None:
     with pytest.raises(ConfigError, match="managed by the sandbox"):
         Policy.workspace("/")
+
+
+@pytest.mark.parametrize("name", ["1A", "A=B", ""])
+def test_environment_added_at_run_time_is_checked(tmp_path: Path, name: str) -> None:
+    """`corral.run(env={"1A": "1"})` was accepted while `--env 1BAD` was refused; it fails before
+    anything starts."""
+    import corral
+
+    rp = resolve(Policy.workspace(str(tmp_path)))
+    with pytest.raises(ConfigError, match="^env: not a valid variable name"):
+        rp.replace(env=(*rp.env, (name, "1")))
+    with pytest.raises(ConfigError, match="^env: not a valid variable name"):
+        corral.run(["true"], policy=rp, env={name: "1"})

@@ -2,6 +2,7 @@
 
     profile = "workspace"            # strict | workspace | fs_safe | net_safe | dev
     backend = "auto"
+    workspace = "."                   # relative to this file; see below for the default
     [[zones]]
     host = "../data"                  # relative to this file
     mount = "/data"
@@ -22,8 +23,13 @@
     image = "python:3.12-slim"        # default: corral's own image over the host's /usr
     auto_pull = false
 
-Every key is checked: a wrong key or value is a `ConfigError` that names the key, the value and
-what was expected. The same words are the CLI's flags and the Python fields.
+Every key is checked: a wrong key or value is a `ConfigError` that names the file, the key, the
+value and what was expected. The same words are the CLI's flags and the Python fields.
+
+The workspace (the read-write zone of the profile) is the caller's `workspace` when given, else the
+file's `workspace` key, else the folder of a file found by search (the project's own config), else
+the current directory: a file named explicitly (`--config`, `load_policy(path)`) is a policy, not
+a project, and never makes its own folder writable.
 """
 
 from __future__ import annotations
@@ -32,9 +38,9 @@ import os
 
 from corral._record import Record
 from corral.errors import ConfigError
-from corral.policy.model import Commands, Container, Env, Limits, Network, Policy, Zone
+from corral.policy.model import Commands, Container, Env, Limits, Network, Policy, Zone, relocated
 from corral.policy.profiles import DEFAULT_PROFILE, make_profile
-from corral.units import parse_duration, parse_size
+from corral.policy.resolve import host_path
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -107,14 +113,23 @@ def load_policy(path: str | None = None, *, profile: str | None = None, workspac
 
 def load_config(path: str | None = None, *, profile: str | None = None, workspace: str | None = None,
                 search: bool = True) -> Config:  # fmt: skip
-    """Profile, then the config file, then the caller's overrides. Without a file: the profile alone."""
-    if path is None and search:
+    """Profile, then the config file, then the caller's overrides. Without a file: the profile alone.
+
+    A file found by search (not one given as `path`) puts the workspace at its folder by default.
+    """
+    found = path is None and search
+    if found:
         path = find_config()
     if path is None:
-        return Config(policy=make_profile(profile or DEFAULT_PROFILE, workspace=workspace or os.getcwd()))
+        return Config(policy=make_profile(profile or DEFAULT_PROFILE, workspace=_abs(workspace or os.getcwd())))
     data = _read_toml(path)
-    return config_from_mapping(data, base_dir=os.path.dirname(os.path.abspath(path)), source=path,
-                               profile=profile, workspace=workspace)  # fmt: skip
+    base_dir = os.path.dirname(os.path.abspath(path))
+    return config_from_mapping(data, base_dir=base_dir, source=path, profile=profile, workspace=workspace,
+                               default_workspace=base_dir if found else None)  # fmt: skip
+
+
+def _abs(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(path))
 
 
 def _read_toml(path: str) -> dict[str, object]:
@@ -128,7 +143,7 @@ def _read_toml(path: str) -> dict[str, object]:
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}", where="--config") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path} is not valid TOML: {exc}", where=path) from None
+        raise ConfigError(f"not valid TOML: {exc}", where=path) from None
     if os.path.basename(path) == "pyproject.toml":
         tool = data.get("tool", {})
         section = tool.get("corral") if isinstance(tool, dict) else None
@@ -139,23 +154,40 @@ def _read_toml(path: str) -> dict[str, object]:
 
 
 def config_from_mapping(data: Mapping[str, object], *, base_dir: str, source: str | None = None,
-                        profile: str | None = None, workspace: str | None = None) -> Config:  # fmt: skip
+                        profile: str | None = None, workspace: str | None = None,
+                        default_workspace: str | None = None) -> Config:  # fmt: skip
+    """A Config from a parsed table. Relative paths in it are relative to `base_dir`; the workspace is
+    `workspace`, else the table's `workspace` key, else `default_workspace`, else the current directory."""
     where = source or "config"
     _check_keys(data, _TOP_KEYS, where)
     profile_name = profile or _opt_str(data, "profile", where) or DEFAULT_PROFILE
-    ws = workspace or _opt_str(data, "workspace", where)
-    ws_path = os.path.normpath(os.path.join(base_dir, os.path.expanduser(ws))) if ws else base_dir
-    base = make_profile(profile_name, workspace=ws_path)
+    ws_key = _opt_str(data, "workspace", where)
+    ws_from_file = bool(ws_key) and not workspace
+    if workspace:
+        ws_path = _abs(workspace)
+    elif ws_key:
+        ws_path = os.path.normpath(os.path.join(base_dir, os.path.expanduser(ws_key)))
+        host_path(ws_path, base_dir=base_dir, where=f"{where}: workspace")
+    else:
+        ws_path = default_workspace or os.getcwd()
+    try:
+        base = make_profile(profile_name, workspace=ws_path)
+    except ConfigError as exc:
+        # Name the file only for what the file said (not the caller's profile or directory).
+        field = "profile" if exc.where == "profile" else "workspace"
+        if (field == "profile" and profile) or (field == "workspace" and not ws_from_file):
+            raise
+        raise relocated(exc, f"{where}: {field}") from None
     zones = list(base.zones)
     raw_zones = data.get("zones", [])
     if not isinstance(raw_zones, list):
         raise ConfigError(f"expected a list of zone tables ([[zones]]), got {raw_zones!r}", where=f"{where}: zones")
     for i, raw in enumerate(raw_zones):
         zones.append(_zone(raw, base_dir, f"{where}: zones[{i}]"))
-    network = _network(data.get("network"), f"{where}: network") if "network" in data else base.network
-    commands = _commands(data.get("commands"), f"{where}: commands") if "commands" in data else base.commands
-    limits = base.limits.merged(_limits(data.get("limits"), f"{where}: limits")) if "limits" in data else base.limits
-    env = _env(data.get("env"), f"{where}: env") if "env" in data else base.env
+    network = _network(data.get("network"), where) if "network" in data else base.network
+    commands = _commands(data.get("commands"), where) if "commands" in data else base.commands
+    limits = base.limits.merged(_limits(data.get("limits"), where)) if "limits" in data else base.limits
+    env = _env(data.get("env"), where) if "env" in data else base.env
     fields: dict[str, object] = {}
     if "cwd" in data:
         fields["cwd"] = _opt_str(data, "cwd", where)
@@ -164,17 +196,26 @@ def config_from_mapping(data: Mapping[str, object], *, base_dir: str, source: st
     if "hostname" in data:
         fields["hostname"] = data["hostname"]
     if "container" in data:
-        fields["container"] = _container(data.get("container"), f"{where}: container")
-    try:
-        policy = Policy(zones=zones, network=network, commands=commands, limits=limits, env=env,
-                        profile=profile_name, **fields)  # type: ignore[arg-type]  # fmt: skip
-    except ConfigError as exc:
-        raise ConfigError(str(exc), where=where) from None
+        fields["container"] = _container(data.get("container"), where)
+    policy = _build(Policy, where, {"zones": zones, "network": network, "commands": commands, "limits": limits,
+                                    "env": env, "profile": profile_name, **fields})  # fmt: skip
     audit = _opt_str(data, "audit", where)
     if audit:
         audit = os.path.join(base_dir, os.path.expanduser(audit))
-    return Config(policy=policy, backend=_opt_str(data, "backend", where),
-                  min_backend=_opt_str(data, "min_backend", where), audit=audit, source=source)  # fmt: skip
+    return Config(policy=policy, backend=_backend_name(data, "backend", where),
+                  min_backend=_backend_name(data, "min_backend", where), audit=audit, source=source)  # fmt: skip
+
+
+def _backend_name(data: Mapping[str, object], key: str, where: str) -> str | None:
+    name = _opt_str(data, key, where)
+    if name is not None and not (key == "backend" and name == "auto"):
+        from corral.backends.registry import strength_of
+
+        try:
+            strength_of(name)
+        except ConfigError as exc:
+            raise relocated(exc, f"{where}: {key}") from None
+    return name
 
 
 def _check_keys(data: object, allowed: Mapping[str, str], where: str) -> None:
@@ -196,6 +237,7 @@ def _opt_str(data: Mapping[str, object], key: str, where: str) -> str | None:
 
 
 def _zone(raw: object, base_dir: str, where: str) -> Zone:
+    """One [[zones]] table; `where` is the file and the zone's own index (zones[0] is its first)."""
     _check_keys(raw, _ZONE_KEYS, where)
     assert isinstance(raw, dict)
     mode = raw.get("mode", "ro")
@@ -204,15 +246,18 @@ def _zone(raw: object, base_dir: str, where: str) -> Zone:
     try:
         if host is not None:
             if not isinstance(host, str) or not host:
-                raise ConfigError(f"expected a host path, got {host!r}", where="host")
+                raise ConfigError(f"expected a host path, got {host!r}", where="zone.host")
             host = os.path.normpath(os.path.join(base_dir, os.path.expanduser(host)))
         mount = raw.get("mount", host)
         if not isinstance(mount, str):
-            raise ConfigError(f"expected a path inside the sandbox, got {mount!r}", where="mount")
-        parsed = parse_size(size, where="size") if size is not None else None
-        return Zone(host=host, mount=mount, mode=mode, size=parsed)
+            raise ConfigError(f"expected a path inside the sandbox, got {mount!r}", where="zone.mount")
+        zone = Zone(host=host, mount=mount, mode=mode, size=size)
     except ConfigError as exc:
-        raise ConfigError(str(exc), where=where) from None
+        field = (exc.where or "").removeprefix("zone.")
+        raise relocated(exc, f"{where}.{field}" if field else where) from None
+    if zone.host is not None:
+        host_path(zone.host, base_dir=base_dir, where=f"{where}.host")  # said here, with the file's own index
+    return zone
 
 
 def _table(raw: object, keys: Mapping[str, str], where: str) -> dict[str, object]:
@@ -223,42 +268,34 @@ def _table(raw: object, keys: Mapping[str, str], where: str) -> dict[str, object
 
 
 def _build(make: Callable[..., T], where: str, fields: Mapping[str, object]) -> T:
-    """`make(**fields)`, with any ConfigError it raises placed at `where` in the file."""
+    """`make(**fields)`, with any ConfigError it raises placed in the file `where`. The model names
+    its fields as the file's keys do (limits.memory, network.allow[0]): that name is kept, once."""
     try:
         return make(**fields)
     except ConfigError as exc:
-        raise ConfigError(str(exc), where=where) from None
+        raise relocated(exc, f"{where}: {exc.where}" if exc.where else where) from None
 
 
 def _network(raw: object, where: str) -> Network:
-    return _build(Network, where, _table(raw, _NETWORK_KEYS, where))
+    return _build(Network, where, _table(raw, _NETWORK_KEYS, f"{where}: network"))
 
 
 def _commands(raw: object, where: str) -> Commands:
-    fields = _table(raw, _COMMANDS_KEYS, where)
-    if "ask_timeout" in fields:
-        fields["ask_timeout"] = parse_duration(fields["ask_timeout"], where=f"{where}.ask_timeout")
-    return _build(Commands, where, fields)
+    return _build(Commands, where, _table(raw, _COMMANDS_KEYS, f"{where}: commands"))
 
 
 def _limits(raw: object, where: str) -> Limits:
-    fields = _table(raw, _LIMIT_KEYS, where)
-    for key, value in fields.items():
-        at = f"{where}.{key}"
-        if key in ("memory", "output", "file_size"):
-            fields[key] = parse_size(value, where=at)
-        elif key == "timeout":
-            fields[key] = parse_duration(value, where=at)
-    return _build(Limits, where, fields)
+    # Limits takes sizes ("2G") and durations ("10m") itself.
+    return _build(Limits, where, _table(raw, _LIMIT_KEYS, f"{where}: limits"))
 
 
 def _container(raw: object, where: str) -> Container:
-    return _build(Container, where, _table(raw, _CONTAINER_KEYS, where))
+    return _build(Container, where, _table(raw, _CONTAINER_KEYS, f"{where}: container"))
 
 
 def _env(raw: object, where: str) -> Env:
-    fields = _table(raw, _ENV_KEYS, where)
+    fields = _table(raw, _ENV_KEYS, f"{where}: env")
     values = fields.get("set", {})
     if not isinstance(values, dict):
-        raise ConfigError(f"expected a table of NAME = value, got {values!r}", where=f"{where}.set")
+        raise ConfigError(f"expected a table of NAME = value, got {values!r}", where=f"{where}: env.set")
     return _build(Env, where, {"passthrough": fields.get("pass", ()), "values": values})

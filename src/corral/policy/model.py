@@ -27,6 +27,20 @@ RESERVED_MOUNTS = ("/", "/proc", "/dev", "/sys")
 # The variables a clean environment keeps; PATH and HOME are the sandbox's own, not the host's.
 BASE_ENV = ("PATH", "HOME", "LANG", "TERM", "TZ")
 SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# Bounds the kernel sets: a value past them would fail later, in a cgroup file or an rlimit.
+MIN_CPUS = 0.01  # cpu.max's smallest quota, 1 ms, in corral's 100 ms period
+MAX_CPUS = 8192  # the largest NR_CPUS a Linux build allows (x86-64 MAXSMP)
+MAX_PIDS = 4_194_304  # PID_MAX_LIMIT on 64-bit: no more processes can exist
+MAX_OPEN_FILES = 1 << 20  # fs.nr_open's default: RLIMIT_NOFILE past it is refused (EPERM)
+MAX_BYTES = (1 << 63) - 1  # LLONG_MAX: the largest file size and memory.max; rlimits are signed 64-bit in Python
+MAX_SECONDS = 24 * 86400  # poll(2) waits at most INT_MAX ms (24.8 days); a margin for grace periods
+
+
+def relocated(exc: ConfigError, where: str) -> ConfigError:
+    """`exc`'s message, said once, at `where` (a flag, or a file and key) instead of its own place."""
+    text = str(exc)
+    own = f"{exc.where}: " if exc.where else ""
+    return ConfigError(text[len(own) :] if own and text.startswith(own) else text, where=where)
 
 
 def _tuple_of_str(value: object, *, where: str) -> tuple[str, ...]:
@@ -44,14 +58,40 @@ def _tuple_of_str(value: object, *, where: str) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _optional_positive_int(value: object, *, where: str) -> int | None:
+def _optional_count(value: object, *, where: str, most: int, why: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"expected a whole number, got {value!r}", where=where)
     if value <= 0:
         raise ConfigError(f"must be positive, got {value}", where=where)
+    if value > most:
+        raise ConfigError(f"must be at most {most} ({why}), got {value}", where=where)
     return value
+
+
+def _optional_size(value: object, *, where: str) -> int | None:
+    """Bytes from a number or a size such as "512M", as in TOML and on the command line."""
+    if value is None:
+        return None
+    from corral.units import parse_size
+
+    size = parse_size(value, where=where)
+    if size > MAX_BYTES:
+        raise ConfigError(f"must be at most 2**63 - 1 bytes (the kernel's largest size), got {value!r}", where=where)
+    return size
+
+
+def _optional_duration(value: object, *, where: str) -> float | None:
+    """Seconds from a number or a duration such as "30s", as in TOML and on the command line."""
+    if value is None:
+        return None
+    from corral.units import parse_duration
+
+    seconds = parse_duration(value, where=where)
+    if seconds > MAX_SECONDS:
+        raise ConfigError(f"must be at most 24 days ({MAX_SECONDS}s), got {value!r}", where=where)
+    return seconds
 
 
 def normalize_mount(mount: object, *, where: str) -> str:
@@ -75,7 +115,9 @@ class Zone(Record):
     host: str | None
     size: int | None
 
-    def __init__(self, *, mount: str, mode: ZoneMode = "ro", host: str | None = None, size: int | None = None) -> None:
+    def __init__(
+        self, *, mount: str, mode: ZoneMode = "ro", host: str | None = None, size: int | str | None = None
+    ) -> None:
         if mode not in ZONE_MODES:
             raise ConfigError(f"expected one of {', '.join(ZONE_MODES)}, got {mode!r}", where="zone.mode")
         mount = normalize_mount(mount, where="zone.mount")
@@ -85,7 +127,7 @@ class Zone(Record):
         if mode == "tmpfs":
             if host is not None:
                 raise ConfigError("a tmpfs zone has no host path", where="zone.host")
-            size = _optional_positive_int(size, where="zone.size")
+            size = _optional_size(size, where="zone.size")
         else:
             if not isinstance(host, str) or not host:
                 raise ConfigError(f"a {mode} zone needs a host path", where="zone.host")
@@ -104,7 +146,7 @@ class Zone(Record):
         return cls(host=host, mount=mount or _default_mount(host), mode="rw")
 
     @classmethod
-    def tmpfs(cls, mount: str, size: int | None = None) -> Zone:
+    def tmpfs(cls, mount: str, size: int | str | None = None) -> Zone:
         return cls(mount=mount, mode="tmpfs", size=size)
 
     @classmethod
@@ -123,10 +165,8 @@ class Zone(Record):
     @classmethod
     def parse_tmpfs(cls, spec: str) -> Zone:
         """`MOUNT[:SIZE]` as given to `--tmpfs`."""
-        from corral.units import parse_size
-
         mount, _, size = spec.partition(":")
-        return cls(mount=mount, mode="tmpfs", size=parse_size(size, where="--tmpfs") if size else None)
+        return cls(mount=mount, mode="tmpfs", size=size or None)
 
 
 def _default_mount(host: str) -> str:
@@ -255,26 +295,29 @@ class Commands(Record):
         deny: Iterable[str] = (),
         ask: Iterable[str] = (),
         approver: Iterable[str] | None = None,
-        ask_timeout: float = 60.0,
+        ask_timeout: float | str = 60.0,
     ) -> None:
         approver_t = None if approver is None else _tuple_of_str(approver, where="commands.approver")
         if approver_t == ():
             raise ConfigError("the approver command is empty", where="commands.approver")
-        if isinstance(ask_timeout, bool) or not isinstance(ask_timeout, int | float) or ask_timeout <= 0:
-            raise ConfigError(
-                f"must be a positive number of seconds, got {ask_timeout!r}", where="commands.ask_timeout"
-            )
+        timeout = _optional_duration(ask_timeout, where="commands.ask_timeout")
+        if timeout is None:
+            raise ConfigError("expected a duration such as 30s, got None", where="commands.ask_timeout")
         self._set(
             allow=_tuple_of_str(allow, where="commands.allow"),
             deny=_tuple_of_str(deny, where="commands.deny"),
             ask=_tuple_of_str(ask, where="commands.ask"),
             approver=approver_t,
-            ask_timeout=float(ask_timeout),
+            ask_timeout=timeout,
         )
 
 
 class Limits(Record):
-    """Resource limits. `None` means no limit beyond the host's own."""
+    """Resource limits. `None` means no limit beyond the host's own.
+
+    Sizes (memory, output, file_size) are bytes or strings such as "512M"; timeout is seconds or a
+    string such as "30s" (the forms TOML and the command line take).
+    """
 
     __slots__ = ("cpus", "file_size", "memory", "open_files", "output", "pids", "timeout")
     cpus: float | None
@@ -289,30 +332,32 @@ class Limits(Record):
         self,
         *,
         cpus: float | None = None,
-        memory: int | None = None,
+        memory: int | str | None = None,
         pids: int | None = None,
-        timeout: float | None = None,
-        output: int | None = None,
-        file_size: int | None = None,
+        timeout: float | str | None = None,
+        output: int | str | None = None,
+        file_size: int | str | None = None,
         open_files: int | None = None,
     ) -> None:
-        if cpus is not None and (isinstance(cpus, bool) or not isinstance(cpus, int | float) or not cpus > 0):
-            raise ConfigError(f"must be a positive number of CPUs, got {cpus!r}", where="limits.cpus")
-        if timeout is not None and (
-            isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0
+        # `not MIN <= cpus <= MAX` also refuses nan and infinity.
+        if cpus is not None and (
+            isinstance(cpus, bool) or not isinstance(cpus, int | float) or not MIN_CPUS <= cpus <= MAX_CPUS
         ):
-            raise ConfigError(f"must be a positive number of seconds, got {timeout!r}", where="limits.timeout")
-        memory = _optional_positive_int(memory, where="limits.memory")
+            raise ConfigError(f"must be a number of CPUs from {MIN_CPUS} to {MAX_CPUS}, got {cpus!r}",
+                              where="limits.cpus")  # fmt: skip
+        memory = _optional_size(memory, where="limits.memory")
         if memory is not None and memory < 4 << 20:
             raise ConfigError(f"must be at least 4M, got {memory} bytes", where="limits.memory")
         self._set(
             cpus=None if cpus is None else float(cpus),
             memory=memory,
-            pids=_optional_positive_int(pids, where="limits.pids"),
-            timeout=None if timeout is None else float(timeout),
-            output=_optional_positive_int(output, where="limits.output"),
-            file_size=_optional_positive_int(file_size, where="limits.file_size"),
-            open_files=_optional_positive_int(open_files, where="limits.open_files"),
+            pids=_optional_count(pids, where="limits.pids", most=MAX_PIDS, why="the kernel's PID_MAX_LIMIT"),
+            timeout=_optional_duration(timeout, where="limits.timeout"),
+            output=_optional_size(output, where="limits.output"),
+            file_size=_optional_size(file_size, where="limits.file_size"),
+            open_files=_optional_count(
+                open_files, where="limits.open_files", most=MAX_OPEN_FILES, why="the kernel's default fs.nr_open"
+            ),
         )
 
     def merged(self, other: Limits) -> Limits:
@@ -330,14 +375,14 @@ class Env(Record):
     def __init__(self, *, passthrough: Iterable[str] = (), values: Mapping[str, str] | None = None) -> None:
         names = _tuple_of_str(passthrough, where="env.pass")
         for name in names:
-            _check_env_name(name, where="env.pass")
+            check_env_name(name, where="env.pass")
         pairs: list[tuple[str, str]] = []
-        for name, value in sorted((values or {}).items()):
-            _check_env_name(name, where="env.set")
+        for name, value in (values or {}).items():
+            check_env_name(name, where="env.set")
             if not isinstance(value, str) or "\0" in value:
                 raise ConfigError(f"value of {name} must be a string without NUL bytes", where="env.set")
             pairs.append((name, value))
-        self._set(passthrough=names, values=tuple(pairs))
+        self._set(passthrough=names, values=tuple(sorted(pairs)))
 
     def build(self, host_env: Mapping[str, str], *, home: str) -> dict[str, str]:
         """The environment a command starts with."""
@@ -378,8 +423,9 @@ class Container(Record):
         self._set(image=image, auto_pull=auto_pull)
 
 
-def _check_env_name(name: str, *, where: str) -> None:
-    if not name or "=" in name or "\0" in name or name[0].isdigit():
+def check_env_name(name: object, *, where: str) -> None:
+    """A name an environment can hold: a non-empty string without `=` or NUL, not starting with a digit."""
+    if not isinstance(name, str) or not name or "=" in name or "\0" in name or name[0].isdigit():
         raise ConfigError(f"not a valid variable name: {name!r}", where=where)
 
 

@@ -13,7 +13,7 @@ import stat
 
 from corral._record import Record
 from corral.errors import ConfigError
-from corral.policy.model import Commands, Limits, Network, Policy, Zone
+from corral.policy.model import Commands, Limits, Network, Policy, Zone, check_env_name
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -83,6 +83,12 @@ class ResolvedPolicy(Record):
     commands: Commands
 
     def __init__(self, **fields: object) -> None:
+        # `corral.run(env=...)` adds to the environment through `replace`: its names are checked here.
+        env = fields.get("env", ())
+        for name, value in env if isinstance(env, tuple) else ():
+            check_env_name(name, where="env")
+            if not isinstance(value, str) or "\0" in value:
+                raise ConfigError(f"value of {name} must be a string without NUL bytes", where="env")
         self._set(**{"etc_copies": (), **fields})
 
     def etc_contents(self) -> tuple[tuple[str, bytes], ...]:
@@ -204,18 +210,25 @@ def _resolve_zones(zones: tuple[Zone, ...], base_dir: str) -> list[ResolvedZone]
         if zone.host is None:
             out.append(ResolvedZone(host=None, mount=zone.mount, mode="tmpfs", size=zone.size))
             continue
-        joined = posixpath.join(base_dir, os.path.expanduser(zone.host))
-        real = os.path.realpath(joined)
-        try:
-            os.stat(real)
-        except FileNotFoundError:
-            raise ConfigError(f"host path {joined} does not exist", where=where) from None
-        except OSError as exc:
-            raise ConfigError(f"cannot use host path {joined}: {exc.strerror}", where=where) from None
+        real = host_path(zone.host, base_dir=base_dir, where=where)
         if zone.mode == "rw" and real == "/":
             raise ConfigError("refusing to make the host's root directory writable", where=where)
         out.append(ResolvedZone(host=real, mount=zone.mount, mode=zone.mode, size=None))
     return out
+
+
+def host_path(host: str, *, base_dir: str, where: str) -> str:
+    """The real path behind a zone's host path (relative to `base_dir`); a ConfigError at `where`
+    when it does not exist or cannot be used."""
+    joined = posixpath.join(base_dir, os.path.expanduser(host))
+    real = os.path.realpath(joined)
+    try:
+        os.stat(real)
+    except FileNotFoundError:
+        raise ConfigError(f"host path {joined} does not exist", where=where) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot use host path {joined}: {exc.strerror}", where=where) from None
+    return real
 
 
 def _system_view() -> tuple[Mount, ...]:
