@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import pytest
 
 import corral
-from corral.errors import BackendUnavailable, ConfigError, UnsupportedPolicy
+from corral.errors import BackendUnavailable, ConfigError, SandboxLost, UnsupportedPolicy
 from tests.conftest import needs_memory_cgroup
 
 pytestmark = pytest.mark.usefixtures("namespace_ok")
@@ -96,6 +98,52 @@ def test_external_approver(policy: corral.Policy, tmp_path: Path) -> None:
     assert corral.run(["echo", "x"], policy=slow).reason == "denied"
 
 
+def test_an_approver_command_that_cannot_run_is_named(policy: corral.Policy, tmp_path: Path) -> None:
+    p = policy.replace(commands=corral.Commands(ask=["echo"], approver=[str(tmp_path / "missing")]))
+    r = corral.run(["echo", "hi"], policy=p)
+    assert r.reason == "denied" and "said no" not in (r.rule or ""), r.rule
+    assert "approver command could not be run" in (r.rule or "") and "No such file or directory" in (r.rule or "")
+    hang = tmp_path / "hang.sh"
+    hang.write_text("#!/bin/sh\nsleep 30\n")
+    hang.chmod(0o755)
+    slow = policy.replace(commands=corral.Commands(ask=["echo"], approver=[str(hang)], ask_timeout=0.5))
+    r = corral.run(["echo", "x"], policy=slow)
+    assert r.reason == "denied" and "did not answer within 0.5s" in (r.rule or ""), r.rule
+
+
+def _children() -> set[int]:
+    """This process's child processes (read from /proc: starting a process to look would add one)."""
+    import glob
+
+    pids: set[int] = set()
+    for task in glob.glob(f"/proc/{os.getpid()}/task/*/children"):
+        with open(task) as f:
+            pids.update(int(pid) for pid in f.read().split())
+    return pids
+
+
+def test_a_stopped_sandbox_stays_stopped(policy: corral.Policy, tmp_path: Path) -> None:
+    """After `with`, the Sandbox refuses everything, rather than silently starting an unaudited new one."""
+    audit = tmp_path / "a.jsonl"
+    before = _children()
+    sb = corral.Sandbox(policy, audit=str(audit))
+    with sb:
+        assert sb.exec(["true"]).ok
+    for use in (
+        lambda: sb.exec(["true"]),
+        lambda: sb.put_file("/tmp/x", b""),
+        lambda: sb.get_file("/tmp/x"),
+        sb.start,
+        sb.__enter__,
+    ):
+        with pytest.raises(SandboxLost, match=f"sandbox {sb.id} was stopped; make a new Sandbox"):
+            use()
+    sb.stop()  # still idempotent
+    assert _children() <= before
+    assert [json.loads(line)["event"] for line in audit.read_text().splitlines()] == [
+        "sandbox.start", "exec", "sandbox.stop"]  # fmt: skip
+
+
 def test_bad_backend_and_unsupported_policy(policy: corral.Policy) -> None:
     with pytest.raises(ConfigError, match="unknown backend"):
         corral.Sandbox(policy, backend="nope")
@@ -133,3 +181,11 @@ def test_a_full_sandbox_names_the_pids_limit_for_a_command_it_cannot_start(polic
         assert refused.reason == "pids" and refused.returncode == 126, refused
         assert "not started" in refused.detail and "pids limit (3)" in refused.detail, refused
         assert sb.exec(["/bin/true"]).ok
+
+
+def test_an_exec_environment_with_a_bad_name_is_refused_before_it_runs(policy: corral.Policy) -> None:
+    with corral.Sandbox(policy) as sb:
+        for env in ({"1A": "x"}, {"A=B": "x"}, {"OK": "a\0b"}):
+            with pytest.raises(corral.ConfigError, match="^env: "):
+                sb.exec(["/bin/true"], env=env)
+        assert sb.exec(["/bin/sh", "-c", 'echo "$GOOD"'], env={"GOOD": "yes"}).stdout == b"yes\n"

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 import corral
-from corral.audit import AuditLog, redact_argv, redact_env
+from corral.audit import AuditLog, read_events, redact_argv, redact_env
+from corral.errors import ConfigError
 from tests.conftest import corral_cli
 
 
@@ -21,6 +22,68 @@ def test_redaction() -> None:
         "plain",
     ]
     assert redact_env({"GITHUB_TOKEN": "x", "HOME": "/h"}) == {"GITHUB_TOKEN": "***", "HOME": "/h"}
+
+
+def test_redaction_of_assignments() -> None:
+    assert redact_argv(["env", "GITHUB_TOKEN=ghp_xyz", "true"]) == ["env", "GITHUB_TOKEN=***", "true"]
+    assert redact_argv(["true", "--password=hunter2", "API_KEY=abc", "-Ddb.password=p", "--env=AWS_SECRET=s"]) == [
+        "true",
+        "--password=***",
+        "API_KEY=***",
+        "-Ddb.password=***",
+        "--env=AWS_SECRET=***",
+    ]
+    assert redact_argv(["curl", "-H", "Authorization: Bearer ghp_1", "https://h/x?a=1&access_token=t"]) == [
+        "curl",
+        "-H",
+        "Authorization: ***",
+        "https://h/x?a=1&access_token=***",
+    ]
+
+
+def test_redaction_inside_shell_scripts() -> None:
+    script = (
+        "export API_KEY='a b'; x --password=hunter2 GITHUB_TOKEN=ghp_1 https://u:p@h/ ; "
+        "curl --token abc -H \"Authorization: Bearer z\" 'https://h/?x=1' && echo 'it --secret s9' done"
+    )
+    assert redact_argv(["bash", "-lc", script]) == [
+        "bash",
+        "-lc",
+        "export API_KEY=***; x --password=*** GITHUB_TOKEN=*** https://u:***@h/ ; "
+        "curl --token *** -H \"Authorization: ***\" 'https://h/?x=1' && echo 'it --secret ***' done",
+    ]
+    assert (
+        redact_argv(["ssh", "host", "mysql --password hunter2 -e 'select 1'"])[2]
+        == "mysql --password *** -e 'select 1'"
+    )
+
+
+def test_redaction_keeps_ordinary_values() -> None:
+    """Names that only say where a secret is, switches, references and look-alikes are kept."""
+    argv = [
+        "x", "PATH=/usr/bin:$PATH", "--password-file=/run/secrets/db", "GITHUB_TOKEN_FILE=/t", "GIT_AUTHOR_NAME=Al",
+        "TOKENIZERS_PARALLELISM=false", "--password-stdin", "-u", "me", "--no-auth", "plain", "https://h/a:b@c",
+    ]  # fmt: skip
+    assert redact_argv(argv) == argv
+    script = 'TOKEN=$(cat /run/t) make; API_KEY="$KEY" make; ls -la | grep -v x=1'
+    assert redact_argv(["sh", "-c", script])[2] == "TOKEN=$(cat /run/t) make; API_KEY=*** make; ls -la | grep -v x=1"
+
+
+def test_write_after_close_is_not_lost(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl"
+    log = AuditLog(str(path))
+    log.write("exec", n=1)
+    log.close()
+    log.write("exec", n=2)  # a late writer (a backend's thread): appended, not dropped, nothing left open
+    assert [e["n"] for e in read_events(str(path))] == [1, 2]
+
+
+def test_read_events_names_a_line_that_is_not_an_event(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl"
+    path.write_text('{"time": "t", "event": "exec"}\n\n[1]\n')
+    assert len(list(read_events(str(path)))) == 1
+    with pytest.raises(ConfigError, match=r"a.jsonl:3: not an audit event"):
+        list(read_events(str(path), strict=True))
 
 
 def test_lines_never_interleave(tmp_path: Path) -> None:
@@ -54,3 +117,29 @@ def test_every_exec_and_decision_is_logged(policy: corral.Policy, tmp_path: Path
     assert all(e["sandbox"] == events[0]["sandbox"] for e in events)
     r = corral_cli("audit", str(path), "--denied")
     assert b"deny: rm" in r.stdout and b"echo" not in r.stdout
+
+
+def _events(path: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.usefixtures("namespace_ok")
+def test_one_shot_run_logs_start_and_stop(policy: corral.Policy, tmp_path: Path, workdir: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    assert corral.run(["true"], policy=policy, audit=str(path)).ok
+    events = _events(path)
+    assert [e["event"] for e in events] == ["sandbox.start", "exec", "sandbox.stop"]
+    start = events[0]
+    assert {"backend", "duration", "weaker", "network", "zones"} <= start.keys() and start["weaker"] == []
+    assert len({e["sandbox"] for e in events}) == 1
+    # the command line too, and a denied command starts no sandbox
+    path.unlink()
+    r = corral_cli("run", "--audit", str(path), "--", "env", "GITHUB_TOKEN=ghp_xyz", "true", cwd=workdir)
+    assert r.returncode == 0, r.stderr
+    r = corral_cli("run", "--deny-command", "rm", "--audit", str(path), "--", "rm", "x", cwd=workdir)
+    assert r.returncode == 122, r.stderr
+    events = _events(path)
+    kinds = [e["event"] for e in events]
+    assert kinds == ["sandbox.start", "exec", "sandbox.stop", "decision", "exec"], kinds
+    assert events[1]["argv"] == ["env", "GITHUB_TOKEN=***", "true"]
+    assert events[0]["sandbox"] == events[2]["sandbox"] != events[3]["sandbox"]

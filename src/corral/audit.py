@@ -1,8 +1,7 @@
 """The audit log: one JSON object per line for every sandbox, command and policy decision.
 
 Each line is written with a single `write()` on a file opened with O_APPEND, so lines from several
-processes never interleave. Values that look like secrets (variables named *TOKEN*, *SECRET*,
-*PASSWORD*, *KEY*..., `--password=...` style arguments, credentials in URLs) are redacted.
+processes never interleave. Values that look like secrets are redacted (see `redact_text`).
 
 Events (the `event` field): sandbox.start, sandbox.stop, decision, exec, file.put, file.get, and
 the session and network events of later layers. Every event has `time` (UTC, ISO 8601) and `sandbox`.
@@ -11,6 +10,7 @@ the session and network events of later layers. Every event has `time` (UTC, ISO
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 
@@ -19,12 +19,21 @@ if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping, Sequence
 
 _SECRET_WORDS = ("TOKEN", "SECRET", "PASSWORD", "PASSWD", "KEY", "CREDENTIAL", "AUTH", "COOKIE", "SESSION")
+# Ordinary names that merely contain a secret word (GIT_AUTHOR_NAME, TOKENIZERS_PARALLELISM).
+_INNOCENT = re.compile(r"AUTHOR(?!I[SZ])|TOKENIZ|KEYBOARD")
+# A name ending so holds where a secret is (--password-file=PATH) or how it is read, not the secret.
+_NOT_A_VALUE = ("FILE", "PATH", "DIR", "STDIN")
 REDACTED = "***"
+_SECRET = re.compile("|".join(_SECRET_WORDS), re.IGNORECASE)
 
 
 def looks_secret(name: str) -> bool:
-    upper = name.upper().replace("-", "_")
-    return any(word in upper for word in _SECRET_WORDS)
+    if _SECRET.search(name) is None:  # the common case, quickly
+        return False
+    words = re.findall(r"[A-Z0-9]+", _INNOCENT.sub(" ", name.upper()))
+    if not words or words[-1] in _NOT_A_VALUE or words[0] == "NO":  # --no-password is a switch
+        return False
+    return any(secret in word for word in words for secret in _SECRET_WORDS)
 
 
 def redact_env(env: Mapping[str, str]) -> dict[str, str]:
@@ -32,37 +41,75 @@ def redact_env(env: Mapping[str, str]) -> dict[str, str]:
 
 
 def redact_argv(argv: Sequence[str]) -> list[str]:
+    """`argv` with secrets replaced: the argument after `--token`-like flags, and within every
+    argument (a shell script included) what `redact_text` finds."""
     out: list[str] = []
     hide_next = False
     for arg in argv:
-        if hide_next:
+        if hide_next and not arg.startswith("-"):
             out.append(REDACTED)
             hide_next = False
             continue
-        if arg.startswith("-") and "=" in arg:
-            name, _, _value = arg.partition("=")
-            if looks_secret(name):
-                out.append(f"{name}={REDACTED}")
-                continue
-        elif arg.startswith("--") and looks_secret(arg):
-            hide_next = True
-        out.append(_redact_url_credentials(arg))
+        hide_next = _takes_secret(arg)
+        out.append(redact_text(arg))
     return out
 
 
-def _redact_url_credentials(text: str) -> str:
-    scheme = text.find("://")
-    if scheme < 0:
+# A shell word: quoted parts (an unterminated quote runs to the end), escapes, plain characters.
+_WORD = re.compile(r"""(?:[^\s;&|()<>'"`\\]+|'[^']*'?|"(?:[^"\\]|\\.)*"?|\\.)+""")
+_QUOTED = re.compile(r"""(')([^']*)('?)|(")((?:[^"\\]|\\.)*)("?)""", re.S)
+_ASSIGNMENT = re.compile(r"(-{0,2}[A-Za-z_][\w.-]*)=(.*)", re.S)  # NAME=VALUE, --flag=VALUE
+_LISTED = re.compile(r"""(?<=[?&,])([A-Za-z_][\w.-]*)=([^&,\s'"]+)""")  # URL queries, a=1,b=2 lists
+_HEADER = re.compile(r"([A-Za-z][\w-]*):([ \t]*)(\S[^\n]*)")  # Authorization: Bearer ...
+_URL_CREDENTIALS = re.compile(r"""([A-Za-z][A-Za-z0-9+.-]*://[^\s/@:'"]*):[^\s/@'"]+@""")
+
+
+def redact_text(text: str) -> str:
+    """`text` (one argument or a whole shell script) with secret values replaced by `***` and the
+    rest left as it was: NAME=VALUE, --flag=VALUE and --flag VALUE where the name `looks_secret`
+    (a value starting with `$` is a reference, kept), the same in URL queries and quoted strings,
+    a header line such as `Authorization: Bearer ...`, and passwords in URLs. Names ending in FILE,
+    PATH, DIR or STDIN (`--password-file=PATH`) say where a secret is, not what: they are kept."""
+    if "=" not in text and "-" not in text and ":" not in text and "@" not in text:  # nothing to redact
         return text
-    at = text.find("@", scheme)
-    slash = text.find("/", scheme + 3)
-    if at < 0 or (0 <= slash < at):
-        return text
-    userinfo = text[scheme + 3 : at]
-    if ":" not in userinfo:
-        return text
-    user = userinfo.split(":", 1)[0]
-    return f"{text[: scheme + 3]}{user}:{REDACTED}{text[at:]}"
+    header = _HEADER.fullmatch(text)
+    if header is not None and looks_secret(header[1]):
+        return f"{header[1]}:{header[2]}{REDACTED}"
+    out: list[str] = []
+    last = 0
+    hide = False
+    for word in _WORD.finditer(text):
+        gap = text[last : word.start()]
+        out.append(gap)
+        if hide and not gap.strip(" \t") and not word[0].startswith(("-", "$")):
+            out.append(REDACTED)
+            hide = False
+        else:
+            hide = _takes_secret(word[0])
+            out.append(_redact_word(word[0]))
+        last = word.end()
+    out.append(text[last:])
+    return _URL_CREDENTIALS.sub(rf"\1:{REDACTED}@", "".join(out))
+
+
+def _takes_secret(word: str) -> bool:
+    """`--token` (its value the next word) rather than `--token=...` or `--verbose`."""
+    return word.startswith("-") and "=" not in word and looks_secret(word)
+
+
+def _redact_word(word: str) -> str:
+    if "=" not in word and "'" not in word and '"' not in word:
+        return word
+    assignment = _ASSIGNMENT.match(word)
+    if assignment is not None:
+        name, value = assignment[1], assignment[2]
+        if value and not value.startswith("$") and looks_secret(name):
+            return f"{name}={REDACTED}"
+        return f"{name}={_redact_word(value)}"  # --env=API_KEY=x
+    # Quoted strings may hold commands of their own (ssh HOST 'cmd', sh -c "...").
+    word = _QUOTED.sub(lambda q: f"{q[1]}{redact_text(q[2])}{q[3]}" if q[1] else f"{q[4]}{redact_text(q[5])}{q[6]}",
+                       word)  # fmt: skip
+    return _LISTED.sub(lambda p: f"{p[1]}={REDACTED}" if looks_secret(p[1]) else p[0], word)
 
 
 def now_iso() -> str:
@@ -71,15 +118,22 @@ def now_iso() -> str:
 
 
 class AuditLog:
-    """Appends events to a JSON-lines file (created 0600). Thread-safe; cheap when unused."""
+    """Appends events to a JSON-lines file (created 0600). Thread-safe; cheap when unused.
+
+    `close()` releases the descriptor; a later `write` still appends its line (through a
+    descriptor of its own, closed at once): an audit log never drops an event, and a write never
+    raises on account of it (backends report events from their own threads)."""
 
     def __init__(self, path: str) -> None:
         self.path = os.path.abspath(os.path.expanduser(path))
         directory = os.path.dirname(self.path)
         if directory:
             os.makedirs(directory, exist_ok=True)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._fd = self._open()
         self._lock = threading.Lock()
+
+    def _open(self) -> int:
+        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
     def write(self, event: str, **fields: object) -> None:
         import json
@@ -87,9 +141,14 @@ class AuditLog:
         record = {"time": now_iso(), "event": event, **fields}
         line = (json.dumps(record, default=str, separators=(",", ":")) + "\n").encode()
         with self._lock:
-            if self._fd < 0:
+            if self._fd >= 0:
+                os.write(self._fd, line)
                 return
-            os.write(self._fd, line)
+        fd = self._open()
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         with self._lock:
@@ -104,18 +163,24 @@ class AuditLog:
         self.close()
 
 
-def read_events(path: str) -> Iterator[dict[str, object]]:
-    """The events in an audit file, skipping lines that are not JSON objects."""
+def read_events(path: str, *, strict: bool = False) -> Iterator[dict[str, object]]:
+    """The events in an audit file. Lines that are not events (JSON objects with an `event`) are
+    skipped, or with `strict` raise a `ConfigError` naming the line."""
     import json
 
     with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
+        for number, line in enumerate(f, 1):
             line = line.strip()
             if not line:
                 continue
             try:
                 record = json.loads(line)
             except ValueError:
-                continue
-            if isinstance(record, dict):
+                record = None
+            if isinstance(record, dict) and isinstance(record.get("event"), str):
                 yield record
+            elif strict:
+                from corral.errors import ConfigError
+
+                raise ConfigError('not an audit event (expected a JSON object with an "event" field)',
+                                  where=f"{path}:{number}")  # fmt: skip

@@ -105,7 +105,7 @@ def execute_code(
         argv, stdin = ["python3", "-", *args], code.encode()
     log, own = _open_audit(audit)
     sandbox_id = new_id()
-    guard = _Guard(rp, sandbox_id=sandbox_id, backend=chosen.name, audit=log, approver=approver)
+    guard = _Guard(rp, sandbox_id=sandbox_id, backend=chosen.name, audit=log, approver=approver, weaker=weaker)
     try:
         result = guard.admit(argv, rp.cwd)
         if result is None:
@@ -113,6 +113,7 @@ def execute_code(
                                 output=output, events=guard.emit)  # fmt: skip
         guard.record_exec(argv, rp.cwd, result)
     finally:
+        guard.finish()  # the sandbox.stop of a run that raised
         if own and log is not None:
             log.close()
     if check:

@@ -13,7 +13,7 @@ import os
 import time
 
 from corral.backends.base import Result, check_supported
-from corral.errors import PolicyDenied
+from corral.errors import ConfigError, CorralError, PolicyDenied, SandboxLost
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -67,10 +67,17 @@ def _open_audit(audit: AuditLog | str | None) -> tuple[AuditLog | None, bool]:
 
 
 class _Guard:
-    """Command rules, approval and the audit trail, shared by `Sandbox` and `run`."""
+    """Command rules, approval and the audit trail, shared by `Sandbox` and the one-shot runs.
+
+    A one-shot guard (`live=False`) also writes its sandbox's sandbox.start (when its one command is
+    admitted) and sandbox.stop (with the command's exec event, or from `finish()`); a live
+    `Sandbox` writes its own. `weaker` (the policy parts the backend does not enforce) is worked
+    out when the log needs it and no caller said.
+    """
 
     def __init__(self, rp: ResolvedPolicy, *, sandbox_id: str, backend: str, audit: AuditLog | None,
-                 approver: Approver | None) -> None:  # fmt: skip
+                 approver: Approver | None, weaker: Sequence[str] | None = None,
+                 live: bool = False) -> None:  # fmt: skip
         from corral.policy.commands import CommandRules
 
         self.rules = CommandRules(rp.commands)
@@ -79,6 +86,9 @@ class _Guard:
         self.backend = backend
         self.audit = audit
         self.approver = approver
+        self.weaker = weaker
+        self.live = live
+        self._started = False  # a one-shot's sandbox.start is written and its sandbox.stop not yet
 
     def admit(self, argv: Sequence[str], cwd: str) -> Result | None:
         """None when `argv` may run; otherwise the denial as a Result."""
@@ -91,6 +101,8 @@ class _Guard:
             self.audit.write("decision", sandbox=self.id, backend=self.backend, argv=redact_argv(argv),
                              cwd=cwd, action=decision.action, rule=decision.rule)  # fmt: skip
         if decision.action == "allow":
+            if self.audit is not None and not self.live:
+                self.write_start(duration=None)
             return None
         message = f"corral: denied by policy ({decision.rule}): {' '.join(argv)}"
         return Result(argv=argv, returncode=None, reason="denied", rule=decision.rule,
@@ -109,11 +121,33 @@ class _Guard:
                 how = "approver command"
             else:
                 return Decision(action="deny", rule=f"{decision.rule} (no approver configured)")
+        except CorralError as exc:  # the approver command could not answer: that means no, saying why
+            return Decision(action="deny", rule=f"{decision.rule} ({exc})")
         except Exception as exc:  # an approver that fails means no
             return Decision(action="deny", rule=f"{decision.rule} (approver failed: {exc})")
         return Decision(
             action="allow" if allowed else "deny", rule=f"{decision.rule} ({how} said {'yes' if allowed else 'no'})"
         )
+
+    def write_start(self, *, duration: float | None) -> None:
+        """The sandbox.start event (`duration` None for a one-shot: its start is timed with its command)."""
+        if self.audit is None:
+            return
+        if self.weaker is None:  # a caller that did not say (`corral run`): ask the (cached) probe
+            from corral.backends import registry
+
+            caps = registry.probe(registry.create(self.backend))
+            self.weaker = check_supported(caps, self.rp, allow_weaker=True)
+        zones = [{"mount": z.mount, "mode": z.mode, "host": z.host} for z in self.rp.zones]
+        self.audit.write("sandbox.start", sandbox=self.id, backend=self.backend, duration=duration,
+                         weaker=list(self.weaker), network=self.rp.network.mode, zones=zones)  # fmt: skip
+        self._started = not self.live
+
+    def finish(self) -> None:
+        """A one-shot's sandbox.stop, once, if its sandbox.start was written (idempotent)."""
+        if self._started and self.audit is not None:
+            self._started = False
+            self.audit.write("sandbox.stop", sandbox=self.id, backend=self.backend)
 
     def emit(self, event: str, fields: dict[str, object]) -> None:
         """The backend's own events (network decisions, ...) into the audit log."""
@@ -129,18 +163,22 @@ class _Guard:
                          returncode=result.returncode, reason=result.reason, detail=result.detail,
                          duration=round(result.wall_time, 6), peak_memory=result.peak_memory,
                          rule=result.rule, network=self.rp.network.mode)  # fmt: skip
+        self.finish()
 
 
 def _external_approval(command: Sequence[str], request: AskRequest, timeout: float) -> bool:
-    """Run the approver with the request as JSON on stdin; exit status 0 means yes, anything else no."""
+    """Run the approver with the request as JSON on stdin; exit status 0 means yes, anything else no.
+    Raises `CorralError` when it gives no answer (cannot be run, or too slow): the caller denies."""
     import json
     import subprocess
 
     try:
         done = subprocess.run(list(command), input=json.dumps(request.as_json()).encode(), capture_output=True,
                               timeout=timeout, check=False)  # fmt: skip
-    except (OSError, subprocess.TimeoutExpired):
-        return False
+    except OSError as exc:
+        raise CorralError(f"approver command could not be run: {command[0]}: {exc.strerror or exc}") from None
+    except subprocess.TimeoutExpired:
+        raise CorralError(f"approver command did not answer within {timeout:g}s") from None
     return done.returncode == 0
 
 
@@ -172,29 +210,28 @@ class Sandbox:
         self._backend, self.capabilities = registry.choose(backend, min_backend=min_backend)
         self.weaker = check_supported(self.capabilities, self.rp, allow_weaker=allow_weaker)
         self.audit, self._own_audit = _open_audit(audit)
-        self._guard = _Guard(self.rp, sandbox_id=self.id, backend=self.backend, audit=self.audit, approver=approver)
+        self._guard = _Guard(self.rp, sandbox_id=self.id, backend=self.backend, audit=self.audit, approver=approver,
+                             weaker=self.weaker, live=True)  # fmt: skip
         self._live: LiveSandbox | None = None
+        self._stopped = False
 
     @property
     def backend(self) -> str:
         return self._backend.name
 
     def start(self) -> Sandbox:
+        """Start it (once; `exec` and the file methods start it too). A stopped Sandbox stays stopped."""
+        self._check_not_stopped()
         if self._live is None:
             started = time.monotonic()
             self._live = self._backend.start(self.rp, sandbox_id=self.id, events=self._guard.emit)
-            if self.audit is not None:
-                zones = [{"mount": z.mount, "mode": z.mode, "host": z.host} for z in self.rp.zones]
-                self.audit.write(
-                    "sandbox.start",
-                    sandbox=self.id,
-                    backend=self.backend,
-                    duration=round(time.monotonic() - started, 6),
-                    weaker=list(self.weaker),
-                    network=self.rp.network.mode,
-                    zones=zones,
-                )
+            self._guard.write_start(duration=round(time.monotonic() - started, 6))
         return self
+
+    def _check_not_stopped(self) -> None:
+        # Starting afresh would silently lose the sandbox's state, and its audit log may be closed.
+        if self._stopped:
+            raise SandboxLost(f"sandbox {self.id} was stopped; make a new Sandbox")
 
     def exec(
         self,
@@ -210,6 +247,14 @@ class Sandbox:
         if isinstance(argv, str):
             raise TypeError("argv must be a list of strings; use ['sh', '-c', cmd] for a shell command")
         argv = [str(a) for a in argv]
+        self._check_not_stopped()
+        if env:
+            from corral.policy.model import check_env_name
+
+            for name, value in env.items():
+                check_env_name(name, where="env")
+                if not isinstance(value, str) or "\0" in value:
+                    raise ConfigError(f"the value of {name} must be a string without NUL, got {value!r}", where="env")
         cwd = cwd or self.rp.cwd
         denied = self._guard.admit(argv, cwd)
         if denied is not None:
@@ -237,6 +282,8 @@ class Sandbox:
         return data
 
     def stop(self) -> None:
+        """Stop it for good (idempotent): it takes no more commands."""
+        self._stopped = True
         live, self._live = self._live, None
         if live is not None:
             live.stop()
@@ -288,10 +335,10 @@ def run(
 
         rp = rp.replace(cwd=normalize_mount(cwd, where="cwd"))
     chosen, caps = registry.choose(backend, min_backend=min_backend)
-    check_supported(caps, rp, allow_weaker=allow_weaker)
+    weaker = check_supported(caps, rp, allow_weaker=allow_weaker)
     log, own = _open_audit(audit)
     sandbox_id = new_id()
-    guard = _Guard(rp, sandbox_id=sandbox_id, backend=chosen.name, audit=log, approver=approver)
+    guard = _Guard(rp, sandbox_id=sandbox_id, backend=chosen.name, audit=log, approver=approver, weaker=weaker)
     try:
         result = guard.admit(argv, rp.cwd)
         if result is None:
@@ -300,6 +347,7 @@ def run(
             )
         guard.record_exec(argv, rp.cwd, result)
     finally:
+        guard.finish()  # the sandbox.stop of a run that raised
         if own and log is not None:
             log.close()
     if check:

@@ -63,3 +63,16 @@ def test_a_fork_loop_is_named_in_a_one_shot_and_a_live_sandbox(policy: corral.Po
 def test_a_command_that_succeeds_carries_no_note(policy: corral.Policy) -> None:
     r = corral.run(["/bin/true"], policy=policy.with_limits(memory=64 << 20, pids=20), backend="namespace")
     assert r.ok and r.note == "" and r.as_json()["note"] == "", r
+
+
+def test_the_cli_names_the_limit_either_way(tmp_path: object) -> None:
+    from tests.conftest import corral_cli
+
+    r = corral_cli("run", "--memory", "64M", "--", *HOG, cwd=str(tmp_path))
+    if r.returncode == 137:  # a cgroup killed it
+        assert b"corral: killed: memory limit 64M" in r.stderr, r.stderr
+    else:
+        assert r.returncode == 1 and b"MemoryError" in r.stderr, r.stderr
+        assert b"corral: note: the memory limit 64M is a per-process RLIMIT_DATA" in r.stderr, r.stderr
+    quiet = corral_cli("run", "--memory", "64M", "--", "sh", "-c", "exit 0", cwd=str(tmp_path))
+    assert quiet.returncode == 0 and b"note" not in quiet.stderr, quiet.stderr

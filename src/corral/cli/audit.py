@@ -18,7 +18,7 @@ def audit_command(args: list[str]) -> int:
     from corral.errors import ConfigError
 
     try:
-        events = list(read_events(opts.file))
+        events = list(read_events(opts.file, strict=True))  # a line that is no event: say so, show nothing
     except OSError as exc:
         raise ConfigError(f"cannot read {opts.file}: {exc.strerror}", where="corral audit") from None
     shown = 0

@@ -4,8 +4,8 @@
 imports only what it needs; the other subcommands use argparse and rich freely.
 
 Exit codes: the command's own (a signal N as 128+N); 124 timeout; 122 denied by policy;
-125 corral could not run it (bad configuration, no backend, launch failure); 126 not executable;
-127 not found; 2 usage error.
+125 corral could not run it (no backend, launch failure); 126 not executable; 127 not found;
+2 bad usage or configuration (one line naming the flag, or the file and key).
 """
 
 from __future__ import annotations
@@ -16,9 +16,12 @@ from corral.errors import EXIT_CORRAL_FAILURE, EXIT_USAGE, ConfigError, CorralEr
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
+    from typing import TypeVar
 
     from corral.backends.base import Result
+
+    T = TypeVar("T")
 
 EXIT_TIMEOUT = 124
 
@@ -28,7 +31,7 @@ RUN_FLAGS: dict[str, tuple[str | None, bool, str]] = {
     "--min-backend": ("NAME", False, "refuse any backend weaker than NAME"),
     "--allow-weaker": (None, False, "accept a backend that cannot enforce every part of the policy"),
     "--profile": ("NAME", False, "strict, workspace (default), fs_safe, net_safe or dev"),
-    "--config": ("FILE", False, "a corral.toml (default: the nearest corral.toml or [tool.corral])"),
+    "--config": ("FILE", False, "a policy file; the workspace stays the current dir (default: nearest corral.toml)"),
     "--no-config": (None, False, "ignore config files"),
     "--zone": ("HOST[:MOUNT][:ro|rw]", True, "add a zone (read-only unless :rw)"),
     "--tmpfs": ("MOUNT[:SIZE]", True, "add a tmpfs zone"),
@@ -201,7 +204,8 @@ def parse_run_args(args: list[str]) -> tuple[dict[str, object], list[str]]:
         else:
             if not eq:
                 i += 1
-                if i >= len(args):
+                # `--memory -- cmd` or `--memory --cpus 2`: the value was left out, not given as '--'.
+                if i >= len(args) or args[i] in ("--", "-h", "--help") or args[i].partition("=")[0] in RUN_FLAGS:
                     raise ConfigError(f"needs a value ({metavar})", where=name)
                 value = args[i]
             if repeat:
@@ -220,41 +224,52 @@ def build_policy(
     """(policy, backend, min_backend, audit path) from config files and flags: flags win.
 
     `workspace` (default: the current directory) is the project the profile's workspace zone names;
-    the config file is then looked for from there.
+    the config file is then looked for from there. Every error names the flag at fault (the user
+    typed `--cpus`, not `limits.cpus`) or, for the config, the file and its key.
     """
-    from corral.policy.load import find_config, load_config
-    from corral.policy.model import Commands, Env, Limits, Network, Zone
-    from corral.units import parse_duration, parse_size
+    import os
 
+    from corral.policy.load import find_config, load_config
+    from corral.policy.model import Commands, Env, Limits, Network, Zone, check_env_name
+    from corral.policy.profiles import PROFILES
+    from corral.policy.resolve import host_path
+
+    profile = _opt(opts, "--profile")
+    if profile is not None and profile not in PROFILES:
+        raise ConfigError(f"unknown profile {profile!r}; expected one of {', '.join(PROFILES)}", where="--profile")
+    for flag in ("--backend", "--min-backend"):
+        name = _opt(opts, flag)
+        if name is not None and not (flag == "--backend" and name == "auto"):
+            from corral.backends.registry import strength_of
+
+            _at(flag, strength_of, name)
     config_path, search = _opt(opts, "--config"), not opts.get("--no-config")
     if workspace is not None and config_path is None and search:
         config_path, search = find_config(workspace), False
-    config = load_config(config_path, profile=_opt(opts, "--profile"), workspace=workspace, search=search)
+    config = load_config(config_path, profile=profile, workspace=workspace, search=search)
     policy = config.policy
-    zones = [Zone.parse(spec) for spec in _list(opts, "--zone")]
-    zones += [Zone.parse_tmpfs(spec) for spec in _list(opts, "--tmpfs")]
+    zones: list[Zone] = []
+    for spec in _list(opts, "--zone"):
+        zone = _at(f"--zone {spec}", Zone.parse, spec)
+        # Checked here, not when the policy is resolved: there it would be some zones[N] of the profile's.
+        host_path(zone.host or "", base_dir=os.getcwd(), where=f"--zone {spec}")
+        zones.append(zone)
+    zones += [_at(f"--tmpfs {spec}", Zone.parse_tmpfs, spec) for spec in _list(opts, "--tmpfs")]
     if zones:
         policy = policy.with_zones(*zones)
     if "--net" in opts:
-        policy = policy.replace(network=Network.parse(str(opts["--net"])))
+        policy = policy.replace(network=_at("--net", Network.parse, str(opts["--net"])))
     limits: dict[str, object] = {}
     unlimited = [field for flag, field in _LIMIT_FLAGS if _opt(opts, flag) in ("unlimited", "none")]
     if unlimited:
         policy = policy.replace(limits=policy.limits.replace(**dict.fromkeys(unlimited)))
-    for flag, field, parse in (
-        ("--memory", "memory", "size"), ("--output", "output", "size"), ("--file-size", "file_size", "size"),
-        ("--timeout", "timeout", "duration"), ("--pids", "pids", "int"), ("--open-files", "open_files", "int"),
-        ("--cpus", "cpus", "float"),
-    ):  # fmt: skip
+    for flag, field in _LIMIT_FLAGS:
         text = _opt(opts, flag)
         if text is None or text in ("unlimited", "none"):
             continue
-        if parse == "size":
-            limits[field] = parse_size(text, where=flag)
-        elif parse == "duration":
-            limits[field] = parse_duration(text, where=flag)
-        else:
-            limits[field] = _number(text, flag, integer=parse == "int")
+        # Limits reads sizes and durations itself; counts and CPUs are numbers first.
+        value: object = text if field in _TEXT_LIMITS else _number(text, flag, integer=field != "cpus")
+        limits[field] = getattr(_at(flag, Limits, **{field: value}), field)
     if limits:
         policy = policy.replace(limits=policy.limits.merged(Limits(**limits)))  # type: ignore[arg-type]
     env_flags = _list(opts, "--env")
@@ -263,22 +278,26 @@ def build_policy(
         values = dict(policy.env.values)
         for item in env_flags:
             name, eq, value = item.partition("=")
+            check_env_name(name, where="--env")
             if eq:
                 values[name] = value
             else:
                 passthrough.append(name)
-        policy = policy.replace(env=Env(passthrough=passthrough, values=values))
+        policy = policy.replace(env=_at("--env", Env, passthrough=passthrough, values=values))
     allow, deny, ask = _list(opts, "--allow-command"), _list(opts, "--deny-command"), _list(opts, "--ask-command")
     if allow or deny or ask:
+        for flag, key, patterns in (("--allow-command", "allow", allow), ("--deny-command", "deny", deny),
+                                    ("--ask-command", "ask", ask)):  # fmt: skip
+            _at(flag, Commands, **{key: patterns})
         c = policy.commands
         policy = policy.replace(commands=Commands(allow=(*c.allow, *allow), deny=(*c.deny, *deny), ask=(*c.ask, *ask),
                                                   approver=c.approver, ask_timeout=c.ask_timeout))  # fmt: skip
     if "--cwd" in opts:
-        policy = policy.replace(cwd=_opt(opts, "--cwd"))
+        policy = _at("--cwd", policy.replace, cwd=_opt(opts, "--cwd"))
     if "--uid" in opts:
-        policy = policy.replace(uid=int(_number(str(opts["--uid"]), "--uid", integer=True)))
+        policy = _at("--uid", policy.replace, uid=int(_number(str(opts["--uid"]), "--uid", integer=True)))
     if "--image" in opts:
-        policy = policy.replace(container=policy.container.replace(image=_opt(opts, "--image")))
+        policy = policy.replace(container=_at("--image", policy.container.replace, image=_opt(opts, "--image")))
     backend = _opt(opts, "--backend") or config.backend
     return policy, backend, _opt(opts, "--min-backend") or config.min_backend, _opt(opts, "--audit") or config.audit
 
@@ -287,6 +306,17 @@ _LIMIT_FLAGS = (
     ("--memory", "memory"), ("--output", "output"), ("--file-size", "file_size"), ("--timeout", "timeout"),
     ("--pids", "pids"), ("--open-files", "open_files"), ("--cpus", "cpus"),
 )  # fmt: skip
+_TEXT_LIMITS = ("memory", "output", "file_size", "timeout")
+
+
+def _at(flag: str, make: Callable[..., T], *args: object, **kwargs: object) -> T:
+    """`make(...)`, with a ConfigError it raises said at `flag` instead of at the policy's field."""
+    from corral.policy.model import relocated
+
+    try:
+        return make(*args, **kwargs)
+    except ConfigError as exc:
+        raise relocated(exc, flag) from None
 
 
 def split_own_flags(
@@ -372,7 +402,7 @@ def run_command(args: list[str]) -> int:
 
         audit = AuditLog(audit_path)
     sandbox_id = new_id()
-    guard = _Guard(rp, sandbox_id=sandbox_id, backend=backend.name, audit=audit, approver=None)
+    guard = _Guard(rp, sandbox_id=sandbox_id, backend=backend.name, audit=audit, approver=None, weaker=weaker)
     try:
         result = guard.admit(command, rp.cwd)
         if result is None:
@@ -385,6 +415,7 @@ def run_command(args: list[str]) -> int:
             )
         guard.record_exec(command, rp.cwd, result)
     finally:
+        guard.finish()  # the sandbox.stop of a run that raised
         if audit is not None:
             audit.close()
     return _report(result, backend.name, sandbox_id, as_json=bool(opts.get("--json")))
@@ -417,6 +448,8 @@ def _report(result: Result, backend: str, sandbox_id: str, *, as_json: bool) -> 
         sys.stderr.buffer.write(result.stderr)
     elif result.reason != "exited":
         _error(result.detail)
+    if result.note and not as_json:
+        _error(f"note: {result.note}")
     if result.reason == "denied":
         return 122
     if result.reason == "timeout":

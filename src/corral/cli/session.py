@@ -153,6 +153,8 @@ def _exec(args: list[str]) -> int:
         sys.stderr.write(result.stderr + ("\n" if not result.stderr.endswith("\n") else ""))
     elif result.reason != "exited":
         sys.stderr.write(f"corral: {result.detail}\n")
+    if result.result.note and not opts.json:
+        sys.stderr.write(f"corral: note: {result.result.note}\n")
     return _exit_code(result.reason, result.returncode)
 
 

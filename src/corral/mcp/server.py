@@ -323,6 +323,8 @@ def _opt_int(args: dict[str, object], key: str) -> int | None:
 def _bash_text(data: dict[str, object]) -> str:
     detail = f": {data['detail']}" if data.get("detail") else ""
     parts = [f"exit status: {data.get('returncode')}  ({data.get('reason')}{detail})"]
+    if data.get("note"):
+        parts.append(f"note: {data['note']}")
     if data.get("stdout"):
         parts.append(f"--- stdout ---\n{data['stdout']}")
     if data.get("stderr"):

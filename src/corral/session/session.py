@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
-from corral.audit import AuditLog, redact_argv
+from corral.audit import AuditLog, redact_text
 from corral.backends.base import Result
 from corral.errors import ConfigError, SessionError, SessionNameError, ToolError
 from corral.policy.model import Policy
@@ -767,17 +767,9 @@ def _clip(text: str, limit: int = 200) -> str:
 
 
 def _redact_command(command: str) -> str:
-    """The command as the log and the history show it: one line, secrets in arguments redacted."""
-    import shlex
-
-    try:
-        words = shlex.split(command)
-    except ValueError:
-        return _clip(command, 1000)
-    redacted = redact_argv(words)
-    if redacted == words:
-        return _clip(command, 1000)
-    return _clip(shlex.join(redacted), 1000)
+    """The command as the log and the history show it, in its own form, secrets redacted (an
+    unbalanced quote included, which splitting it into words would not survive)."""
+    return _clip(redact_text(command), 1000)
 
 
 def _sync_path(path: str | bytes, mount: str) -> bytes:

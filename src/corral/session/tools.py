@@ -247,6 +247,7 @@ class BashResult(Record):
             "returncode": self.returncode,
             "reason": self.reason,
             "detail": self.detail,
+            "note": self.result.note,  # a limit that may explain a failure (see corral.Result.note)
             "stdout": self.stdout,
             "stderr": self.stderr,
             "truncated": self.truncated,
