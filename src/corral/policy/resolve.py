@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
 # Read-only system directories shown at their host paths (symlinks, as on merged-/usr hosts, stay symlinks).
+ENOENT, EACCES, ENOTDIR, EISDIR = 2, 13, 20, 21  # errno, without importing it
 SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 # Public, secret-free parts of /etc shown read-only when the host has them. Never shadow, sudoers,
 # ssh keys, machine-id or anything naming the host's users: those are synthesized or absent.
@@ -133,9 +134,10 @@ class ResolvedPolicy(Record):
                 return path
         return None
 
-    def program_status(self, name: str, cwd: str | None = None) -> int | None:
-        """Whether `name` would be found inside: 0 yes, ENOENT / EACCES no, None when it cannot be told
-        from the host (it would lie in a tmpfs). Lets a one-shot launch report 127 / 126 precisely.
+    def program_status(self, name: str, cwd: str | None = None, *, fresh: bool = False) -> int | None:
+        """Whether `name` would be found inside: 0 yes, ENOENT / EACCES / EISDIR no, None when it
+        cannot be told from the host. Lets a launch report 127 / 126 precisely. `fresh`: a sandbox
+        just built (a one-shot), whose tmpfs are still empty, so a path on none of its mounts is missing.
         """
         cwd = cwd or self.cwd
         if "/" in name:
@@ -147,10 +149,16 @@ class ResolvedPolicy(Record):
         for candidate in candidates:
             host = self.to_host(candidate)
             if host is None:
-                return None
+                where = self._fresh_place(candidate) if fresh else "unknown"
+                if where == "unknown":
+                    return None
+                if where == "dir" and "/" in name:
+                    return EISDIR
+                continue
             try:
                 if os.path.isdir(host):
-                    denied = denied or "/" in name
+                    if "/" in name:
+                        return EISDIR
                     continue
                 if os.path.exists(host):
                     if os.access(host, os.X_OK):
@@ -158,7 +166,37 @@ class ResolvedPolicy(Record):
                     denied = True
             except OSError:
                 return None
-        return 13 if denied else 2
+        return EACCES if denied else ENOENT
+
+    def directory_status(self, path: str, *, fresh: bool = False) -> int | None:
+        """Whether `path` is a directory inside: 0 yes, ENOENT / ENOTDIR no, None when it cannot be
+        told from the host (`fresh` as for program_status)."""
+        host = self.to_host(path)
+        if host is None:
+            where = self._fresh_place(path) if fresh else "unknown"
+            return {"dir": 0, "missing": ENOENT}.get(where)
+        try:
+            st = os.stat(host)
+        except FileNotFoundError:
+            return ENOENT
+        except OSError:
+            return None
+        return 0 if stat.S_ISDIR(st.st_mode) else ENOTDIR
+
+    def _fresh_place(self, path: str) -> str:
+        """What a freshly built sandbox has at `path`, which lies on no host-backed mount: "dir" (a
+        mount point or a directory leading to one), "missing", or "unknown" (/proc, /dev, /etc's files)."""
+        path = posixpath.normpath(path)
+        if any(path.startswith(top + "/") for top in ("/proc", "/dev", "/etc")):
+            return "unknown"
+        mounts = (
+            [z.mount for z in self.zones]
+            + [m.dest for m in self.system]
+            + ["/etc", "/dev", "/proc", "/.corral", "/var/tmp"]
+        )
+        if path == "/" or any(m == path or m.startswith(path.rstrip("/") + "/") for m in mounts):
+            return "dir"
+        return "missing"
 
     def writable_mounts(self) -> tuple[str, ...]:
         return tuple(z.mount for z in self.zones if z.mode in ("rw", "tmpfs"))

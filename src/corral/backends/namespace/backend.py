@@ -126,11 +126,16 @@ class NamespaceBackend(Backend):
         """One command in a fresh sandbox, without an agent: bubblewrap runs the command itself."""
         from corral.kernel.spawn import memfd_with
 
-        missing = rp.program_status(argv[0])
+        # Told apart here, where they can be named, rather than by bubblewrap's own message after it fails.
+        missing = rp.directory_status(rp.cwd, fresh=True)
+        what, subject = "working directory", rp.cwd
+        if not missing:
+            missing = rp.program_status(argv[0], fresh=True)
+            what, subject = "command", argv[0]
         if missing:
             from corral.backends.outcome import not_started
 
-            return not_started(argv, missing, os.strerror(missing), what="command", subject=argv[0], output=output)
+            return not_started(argv, missing, os.strerror(missing), what=what, subject=subject, output=output)
         timeout = timeout if timeout is not None else rp.limits.timeout
         ours: list[int] = []  # descriptors to close once bubblewrap has its copies
         readers: dict[str, int] = {}
