@@ -227,7 +227,7 @@ def test_non_loopback_bind_is_refused_without_a_token(project: Path) -> None:
 
 def test_a_wrong_flag_names_the_mcp_command(project: Path) -> None:
     r = corral_cli("mcp", "--project", str(project), "--bogus")
-    assert r.returncode == 2 and b"corral mcp: unknown flag '--bogus' (see corral mcp --help)" in r.stderr, r.stderr
+    assert r.returncode == 2 and b"corral: mcp: unknown flag '--bogus' (see corral mcp --help)" in r.stderr, r.stderr
 
 
 async def test_sync_tool_only_when_allowed(project: Path, data_dir: dict[str, str]) -> None:

@@ -107,7 +107,7 @@ def test_rm_keeps_work_that_was_not_synced_unless_told(project: Path, data_dir: 
     assert corral_cli("session", "exec", "work", "--", "sh", "-c", "echo new > added.txt").returncode == 0
     r = corral_cli("session", "rm", "work", input=b"")  # no terminal: refuses rather than asks
     assert r.returncode == 2 and b"1 change(s) not synced" in r.stderr and b"--yes" in r.stderr, r.stderr
-    assert r.stderr.startswith(b"corral session rm: session 'work'"), r.stderr  # corral named once
+    assert r.stderr.startswith(b"corral: session rm: session 'work'"), r.stderr  # corral named once
     assert [s["name"] for s in cli_json("list")] == ["work"]  # type: ignore[index]
     cli_json("sync", "work", "--yes")
     assert (project / "added.txt").read_text() == "new\n"

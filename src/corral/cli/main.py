@@ -167,8 +167,8 @@ Exit codes: the command's own; 124 timeout; 122 denied by policy; 125 corral fai
 
 
 def _error(message: str) -> None:
-    # An error placed at a subcommand ("corral session sync: ...") names corral already.
-    sys.stderr.write(f"{message}\n" if message.startswith("corral ") else f"corral: {message}\n")
+    # Every line starts "corral: "; an error placed at a subcommand ("corral session rm: ...") says it once.
+    sys.stderr.write(f"corral: {message.removeprefix('corral ')}\n")
     sys.stderr.flush()
 
 
