@@ -189,3 +189,15 @@ def test_an_exec_environment_with_a_bad_name_is_refused_before_it_runs(policy: c
             with pytest.raises(corral.ConfigError, match="^env: "):
                 sb.exec(["/bin/true"], env=env)
         assert sb.exec(["/bin/sh", "-c", 'echo "$GOOD"'], env={"GOOD": "yes"}).stdout == b"yes\n"
+
+
+def test_an_argument_with_a_nul_byte_is_refused_and_the_sandbox_lives_on(policy: corral.Policy) -> None:
+    # The kernel cannot pass a NUL inside an argument: it crashed the live sandbox's agent once.
+    with pytest.raises(corral.ConfigError, match="^argv: argument 1 .* NUL byte"):
+        corral.run(["echo", "a\0b"], policy=policy)
+    with corral.Sandbox(policy) as sb:
+        with pytest.raises(corral.ConfigError, match="^argv: argument 1 .* NUL byte"):
+            sb.exec(["echo", "a\0b"])
+        with pytest.raises(corral.ConfigError, match="^cwd: "):
+            sb.exec(["true"], cwd="/tmp\0x")
+        assert sb.exec(["echo", "still here"]).stdout == b"still here\n"

@@ -166,6 +166,18 @@ class _Guard:
         self.finish()
 
 
+def _command(argv: Sequence[str]) -> list[str]:
+    """`argv` as strings; refused when it is one string, or holds a NUL byte (no program can
+    receive one: the kernel would cut the argument there)."""
+    if isinstance(argv, str):
+        raise TypeError("argv must be a list of strings; use ['sh', '-c', cmd] for a shell command")
+    command = [str(a) for a in argv]
+    for i, arg in enumerate(command):
+        if "\0" in arg:
+            raise ConfigError(f"argument {i} ({arg[:40]!r}) contains a NUL byte", where="argv")
+    return command
+
+
 def _external_approval(command: Sequence[str], request: AskRequest, timeout: float) -> bool:
     """Run the approver with the request as JSON on stdin; exit status 0 means yes, anything else no.
     Raises `CorralError` when it gives no answer (cannot be run, or too slow): the caller denies."""
@@ -244,10 +256,10 @@ class Sandbox:
         on_output: OutputCallback | None = None,
     ) -> Result:
         """Run `argv` (a list, never a shell string) inside. Denials and limits come back as a Result."""
-        if isinstance(argv, str):
-            raise TypeError("argv must be a list of strings; use ['sh', '-c', cmd] for a shell command")
-        argv = [str(a) for a in argv]
+        argv = _command(argv)
         self._check_not_stopped()
+        if cwd is not None and "\0" in cwd:
+            raise ConfigError(f"{cwd[:40]!r} contains a NUL byte", where="cwd")
         if env:
             from corral.policy.model import check_env_name
 
@@ -322,9 +334,7 @@ def run(
     """
     from corral.backends import registry
 
-    if isinstance(argv, str):
-        raise TypeError("argv must be a list of strings; use ['sh', '-c', cmd] for a shell command")
-    argv = [str(a) for a in argv]
+    argv = _command(argv)
     if not argv:
         raise ValueError("argv is empty")
     rp = _resolve(policy)

@@ -131,3 +131,14 @@ def test_programs_are_found_on_the_commands_path(workdir: Path, start: str) -> N
         assert sb.exec(["tool"], env={"PATH": f"{first}:/usr/bin"}).returncode == 126
         assert sb.exec(["sh", "-c", "echo $PATH"], env={"PATH": "/bin:/usr/bin"}).stdout == b"/bin:/usr/bin\n"
         assert run("tool").stdout == b"second\n"
+
+
+def test_a_request_no_program_can_receive_is_refused_by_the_agent_itself(sandbox: corral.Sandbox) -> None:
+    # Below corral's own checks (another host client, or a bug): the agent answers, and lives on.
+    live = sandbox.start()._live
+    assert live is not None
+    r = live.exec(["echo", "a\0b"])
+    assert r.returncode == 126 and "Invalid argument" in r.detail, r
+    r = live.exec(["true"], cwd="/tmp\0x")
+    assert r.returncode == 126 and "working directory" in r.detail, r
+    assert sandbox.exec(["echo", "alive"]).stdout == b"alive\n"

@@ -173,8 +173,8 @@ class Agent:
                 return False
         try:
             os.chdir(cwd)
-        except OSError as exc:
-            self._fail(status_fd, exc.errno or errno.ENOENT, cwd, what="working directory")
+        except (OSError, ValueError) as exc:  # ValueError: a NUL byte
+            self._fail(status_fd, getattr(exc, "errno", None) or errno.ENOENT, cwd, what="working directory")
             return False
         actions = [
             (os.POSIX_SPAWN_DUP2, stdin_fd if stdin_fd is not None else self.null_fd, 0),
@@ -189,6 +189,9 @@ class Agent:
                             setsigdef=_SPAWN_DEFAULTS)  # fmt: skip
         except OSError as exc:
             self._fail(status_fd, exc.errno or errno.EIO, argv[0])
+            return False
+        except (TypeError, ValueError):  # an argument no program can receive (a NUL byte): never our end
+            self._fail(status_fd, errno.EINVAL, argv[0])
             return False
         finally:
             os.chdir("/")
@@ -243,8 +246,13 @@ class Agent:
         return pid
 
     def _fail(self, status_fd: int, err: int, subject: str, what: str = "command") -> None:
-        protocol.write_status(status_fd, {"error": os.strerror(err), "errno": err, "subject": subject, "what": what})
-        os.close(status_fd)
+        try:
+            protocol.write_status(status_fd, {"error": os.strerror(err), "errno": err, "subject": subject,
+                                              "what": what})  # fmt: skip
+        except OSError:  # the host stopped waiting (it was killed): nothing to tell
+            pass
+        finally:
+            os.close(status_fd)
 
     def op_signal(self, message: dict, fds: list) -> None:  # type: ignore[type-arg]
         running = self.by_id.get(int(message["target"]))
