@@ -178,6 +178,11 @@ def _command(argv: Sequence[str]) -> list[str]:
     return command
 
 
+def _check_path(path: str) -> None:
+    if not isinstance(path, str) or not path or "\0" in path:
+        raise ConfigError(f"not a file path: {path!r}", where="path")
+
+
 def _external_approval(command: Sequence[str], request: AskRequest, timeout: float) -> bool:
     """Run the approver with the request as JSON on stdin; exit status 0 means yes, anything else no.
     Raises `CorralError` when it gives no answer (cannot be run, or too slow): the caller denies."""
@@ -279,6 +284,7 @@ class Sandbox:
         return result
 
     def put_file(self, path: str, data: bytes, *, mode: int = 0o644) -> None:
+        _check_path(path)
         live = self.start()._live
         assert live is not None
         live.put_file(path, data, mode=mode)
@@ -286,6 +292,7 @@ class Sandbox:
             self.audit.write("file.put", sandbox=self.id, backend=self.backend, path=path, size=len(data))
 
     def get_file(self, path: str, *, max_bytes: int = 64 << 20) -> bytes:
+        _check_path(path)
         live = self.start()._live
         assert live is not None
         data = live.get_file(path, max_bytes=max_bytes)

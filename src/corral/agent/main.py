@@ -287,6 +287,8 @@ class Agent:
             protocol.write_status(status_fd, {"ok": True})
         except OSError as exc:
             protocol.write_status(status_fd, {"error": exc.strerror or str(exc), "errno": exc.errno or errno.EIO})
+        except ValueError:  # a NUL byte in the path
+            protocol.write_status(status_fd, {"error": os.strerror(errno.EINVAL), "errno": errno.EINVAL})
         finally:
             os.close(data_fd)
             os.close(status_fd)
@@ -320,6 +322,8 @@ class Agent:
             protocol.write_status(status_fd, {"ok": True, "size": copied})
         except OSError as exc:
             protocol.write_status(status_fd, {"error": exc.strerror or str(exc), "errno": exc.errno or errno.EIO})
+        except ValueError:  # a NUL byte in the path
+            protocol.write_status(status_fd, {"error": os.strerror(errno.EINVAL), "errno": errno.EINVAL})
         finally:
             os.close(data_fd)
             os.close(status_fd)
