@@ -29,6 +29,12 @@ def test_encode_is_json_dumps_and_decode_is_json_loads(message: object) -> None:
     assert protocol.decode(data.decode()) == json.loads(data)
 
 
+@pytest.mark.parametrize("value", [["/bin/sh", "-c", 'echo "☃"'], '/tmp/dir "quoted"', 7, 0.5, None, True, []])
+def test_any_value_encodes_as_json_dumps_does(value: object) -> None:
+    # A request is assembled from separately encoded parts (argv, the environment once, cwd).
+    assert protocol.encode(value) == json.dumps(value, separators=(",", ":")).encode()
+
+
 def test_decode_agrees_with_json_loads_on_random_mangled_input() -> None:
     rng = random.Random(1234)
     base = [protocol.encode(m).decode() for m in SAMPLES] + [' {"a": [1, 2]} \n', "[]", "3", '"s"', "null"]

@@ -69,6 +69,8 @@ class AgentClient:
         self._next_id = 0
         self.info: dict[str, object] = {}
         self.rlimits: frozenset[str] = frozenset()  # the names of those the agent runs under (hello)
+        self._env_seen: Mapping[str, str] | None = None
+        self._env_encoded = b"{}"
 
     def handshake(self, hello: dict[str, object], *, fds: Sequence[int] = (), timeout: float = 15.0) -> None:
         """Send the confinement and wait until the agent says it is ready (or why it is not)."""
@@ -89,14 +91,23 @@ class AgentClient:
         self.info = message
 
     def _send(self, message: dict[str, object], fds: Sequence[int]) -> int:
+        return self._send_body(lambda exec_id: protocol.encode({**message, "id": exec_id}), fds)
+
+    def _send_body(self, body: Callable[[int], bytes], fds: Sequence[int]) -> int:
+        """Send the message `body(id)` encodes, under the next request id."""
         with self._lock:
             self._next_id += 1
-            message["id"] = self._next_id
             try:
-                protocol.send(self.sock, message, list(fds))
+                protocol.send(self.sock, body(self._next_id), list(fds))
             except OSError as exc:
                 raise SandboxLost(f"the sandbox is gone ({exc.strerror})") from exc
             return self._next_id
+
+    def _env_json(self, env: Mapping[str, str]) -> bytes:
+        # Most execs send the sandbox's own environment, the same object each time: encoded once.
+        if env is not self._env_seen:
+            self._env_seen, self._env_encoded = env, protocol.encode(dict(env))
+        return self._env_encoded
 
     def exec(
         self,
@@ -129,7 +140,12 @@ class AgentClient:
         elif isinstance(stdin, int):
             send_fds.append(stdin)
         try:
-            exec_id = self._send({"op": "exec", "argv": list(argv), "env": dict(env), "cwd": cwd}, send_fds)
+            head = b'{"op":"exec","argv":%s,"env":%s,"cwd":%s,"id":' % (
+                protocol.encode(list(argv)),
+                self._env_json(env),
+                protocol.encode(cwd),
+            )
+            exec_id = self._send_body(lambda exec_id: b"%s%d}" % (head, exec_id), send_fds)
         except BaseException:
             for fd in readers.values():
                 os.close(fd)

@@ -38,7 +38,7 @@ _SCAN = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 
 def encode(message: object) -> bytes:
     """`message` as compact JSON: what json.dumps(message, separators=(",", ":")) gives."""
-    if _ENCODER is None or not isinstance(message, dict):
+    if _ENCODER is None:
         return json.dumps(message, separators=(",", ":")).encode()
     return "".join(_ENCODER(message, 0)).encode()
 
@@ -60,8 +60,9 @@ class ProtocolError(Exception):
     pass
 
 
-def send(sock: socket.socket, message: dict, fds: list = ()) -> None:  # type: ignore[type-arg,assignment]
-    body = encode(message)
+def send(sock: socket.socket, message: dict | bytes, fds: list = ()) -> None:  # type: ignore[type-arg,assignment]
+    """Send a message: a dict, or one already encoded."""
+    body = message if isinstance(message, bytes) else encode(message)
     data = _HEADER.pack(len(body)) + body
     if fds:
         ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]

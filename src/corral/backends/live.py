@@ -39,6 +39,7 @@ class AgentSandbox(LiveSandbox):
         self._teardown = teardown
         # Sandbox paths the backend shows elsewhere (a tmpfs emulated by a private host directory).
         self._path_map = dict(path_map or {})
+        self._base_env = rp.env_dict  # never changed: the client encodes it once
         # The rlimits commands run under: set on the sandbox by its launcher, else the agent's own (hello).
         self.rlimits = frozenset(rlimits) if rlimits is not None else client.rlimits
 
@@ -54,7 +55,7 @@ class AgentSandbox(LiveSandbox):
         output: tuple[int, int] | None = None,
     ) -> Result:
         self._check_exec(argv)
-        full_env = self._command_env(env)
+        full_env = self._command_env(env) if env else self._base_env
         limits = self.rp.limits
         timeout = timeout if timeout is not None else limits.timeout
         started = time.monotonic()
