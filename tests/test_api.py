@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -201,3 +202,56 @@ def test_an_argument_with_a_nul_byte_is_refused_and_the_sandbox_lives_on(policy:
         with pytest.raises(corral.ConfigError, match="^cwd: "):
             sb.exec(["true"], cwd="/tmp\0x")
         assert sb.exec(["echo", "still here"]).stdout == b"still here\n"
+
+
+def test_input_takes_bytes_like_values_and_refuses_text(policy: corral.Policy) -> None:
+    with corral.Sandbox(policy) as sb:
+        for data in (bytearray(b"abcdef"), memoryview(b"abcdef"), b"abcdef"):
+            assert sb.exec(["wc", "-c"], stdin=data).stdout.strip() == b"6"
+        with pytest.raises(TypeError, match="stdin must be bytes"):
+            sb.exec(["wc", "-c"], stdin="abc")  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="data must be bytes"):
+            sb.put_file("/tmp/x", "text")  # type: ignore[arg-type]
+    assert corral.run(["wc", "-c"], policy=policy, input=bytearray(b"xy")).stdout.strip() == b"2"
+
+
+@pytest.mark.parametrize("timeout", [0, -1, float("inf"), float("nan"), "5"])
+def test_a_per_call_timeout_is_checked_like_the_policy_s(policy: corral.Policy, timeout: object) -> None:
+    with pytest.raises(corral.ConfigError, match="^timeout: must be a number of seconds"):
+        corral.run(["true"], policy=policy, timeout=timeout)  # type: ignore[arg-type]
+
+
+def test_a_failing_output_callback_ends_the_command(policy: corral.Policy, workdir: Path) -> None:
+    def fail(stream: str, chunk: bytes) -> None:
+        raise RuntimeError("callback broke")
+
+    script = f"echo x; sleep 2; echo after > {workdir}/after.txt"  # in the workspace: visible on both sides
+    with corral.Sandbox(policy) as sb:
+        with pytest.raises(RuntimeError, match="callback broke"):
+            sb.exec(["sh", "-c", script], on_output=fail, timeout=10)
+        time.sleep(2.5)
+        assert not (workdir / "after.txt").exists()
+        assert sb.exec(["echo", "ok"]).stdout == b"ok\n"
+    with pytest.raises(RuntimeError, match="callback broke"):
+        corral.run(["sh", "-c", script], policy=policy, on_output=fail)
+    time.sleep(2.5)
+    assert not (workdir / "after.txt").exists()
+
+
+def test_allow_weaker_runs_without_the_limits_the_backend_cannot_enforce(policy: corral.Policy) -> None:
+    from corral.backends import registry
+
+    for name in ("namespace", "landlock", "process"):
+        caps = registry.probe(registry.create(name))
+        if caps.available and "limits.cpus" not in caps.enforces:
+            break
+    else:
+        pytest.skip("every backend here enforces a cpus limit (an ordinary user's run checks this)")
+    limited = policy.with_limits(cpus=0.5)
+    with pytest.raises(corral.UnsupportedPolicy, match="limits.cpus"):
+        corral.run(["true"], policy=limited, backend=name)
+    # Accepted weaker: it runs, without the limit, and says so. It used to warn, then refuse anyway.
+    r = corral.run(["echo", "ran"], policy=limited, backend=name, allow_weaker=True)
+    assert r.ok and r.stdout == b"ran\n", r
+    with corral.Sandbox(limited, backend=name, allow_weaker=True) as sb:
+        assert any("cpus" in part for part in sb.weaker) and sb.exec(["true"]).ok

@@ -78,7 +78,7 @@ def execute_code(
 ) -> tuple[Result, str, str]:
     """`run_code` with stdin as bytes or a host descriptor and `output` descriptors (for the CLI).
     Returns the result, the backend's name and the sandbox id."""
-    from corral.backends.base import check_supported
+    from corral.backends.base import check_supported, without_unenforced_limits
     from corral.errors import ConfigError
     from corral.sandbox import _Guard, _open_audit, _resolve, new_id
 
@@ -95,6 +95,8 @@ def execute_code(
         rp = rp.replace(env=tuple(sorted({**rp.env_dict, **env}.items())))
     chosen, caps = choose_backend(backend, min_backend=min_backend, fuel=fuel)
     weaker = check_supported(caps, rp, allow_weaker=allow_weaker)
+    if weaker:
+        rp = without_unenforced_limits(caps, rp)
     if weaker and warn is not None:
         warn(f"warning: backend {chosen.name} does not enforce: {'; '.join(weaker)}")
     argv = ["python3", "-c", code, *args]

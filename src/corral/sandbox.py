@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 
-from corral.backends.base import Result, check_supported
+from corral.backends.base import Result, check_supported, without_unenforced_limits
 from corral.errors import ConfigError, CorralError, PolicyDenied, SandboxLost
 
 TYPE_CHECKING = False
@@ -178,6 +178,25 @@ def _command(argv: Sequence[str]) -> list[str]:
     return command
 
 
+def _bytes(data: object, name: str) -> bytes | None:
+    """Bytes-like input as bytes; a str (which encoding?) or anything else is the caller's mistake."""
+    if data is None or isinstance(data, bytes):
+        return data
+    if isinstance(data, bytearray | memoryview):
+        return bytes(data)
+    raise TypeError(f"{name} must be bytes (or bytearray, memoryview), not {type(data).__name__}; "
+                    "encode a str first")  # fmt: skip
+
+
+def _timeout(timeout: float | None) -> float | None:
+    """A per-call timeout, checked as the policy's is: a finite number of seconds above zero."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout < 24 * 86400:
+        raise ConfigError(f"must be a number of seconds above 0 and below 24 days, got {timeout!r}", where="timeout")
+    return float(timeout)
+
+
 def _check_path(path: str) -> None:
     if not isinstance(path, str) or not path or "\0" in path:
         raise ConfigError(f"not a file path: {path!r}", where="path")
@@ -226,6 +245,8 @@ class Sandbox:
         self._backend: Backend
         self._backend, self.capabilities = registry.choose(backend, min_backend=min_backend)
         self.weaker = check_supported(self.capabilities, self.rp, allow_weaker=allow_weaker)
+        if self.weaker:
+            self.rp = without_unenforced_limits(self.capabilities, self.rp)
         self.audit, self._own_audit = _open_audit(audit)
         self._guard = _Guard(self.rp, sandbox_id=self.id, backend=self.backend, audit=self.audit, approver=approver,
                              weaker=self.weaker, live=True)  # fmt: skip
@@ -262,6 +283,7 @@ class Sandbox:
     ) -> Result:
         """Run `argv` (a list, never a shell string) inside. Denials and limits come back as a Result."""
         argv = _command(argv)
+        stdin, timeout = _bytes(stdin, "stdin"), _timeout(timeout)
         self._check_not_stopped()
         if cwd is not None and "\0" in cwd:
             raise ConfigError(f"{cwd[:40]!r} contains a NUL byte", where="cwd")
@@ -285,6 +307,7 @@ class Sandbox:
 
     def put_file(self, path: str, data: bytes, *, mode: int = 0o644) -> None:
         _check_path(path)
+        data = _bytes(data, "data") or b""
         live = self.start()._live
         assert live is not None
         live.put_file(path, data, mode=mode)
@@ -344,6 +367,7 @@ def run(
     argv = _command(argv)
     if not argv:
         raise ValueError("argv is empty")
+    input, timeout = _bytes(input, "input"), _timeout(timeout)
     rp = _resolve(policy)
     if env:
         rp = rp.replace(env=tuple(sorted({**rp.env_dict, **env}.items())))
@@ -353,6 +377,8 @@ def run(
         rp = rp.replace(cwd=normalize_mount(cwd, where="cwd"))
     chosen, caps = registry.choose(backend, min_backend=min_backend)
     weaker = check_supported(caps, rp, allow_weaker=allow_weaker)
+    if weaker:
+        rp = without_unenforced_limits(caps, rp)
     log, own = _open_audit(audit)
     sandbox_id = new_id()
     guard = _Guard(rp, sandbox_id=sandbox_id, backend=chosen.name, audit=log, approver=approver, weaker=weaker)

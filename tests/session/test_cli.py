@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -116,3 +117,16 @@ def test_rm_keeps_work_that_was_not_synced_unless_told(project: Path, data_dir: 
     corral_cli("session", "exec", "again", "--", "sh", "-c", "echo more >> added.txt")
     assert cli_json("rm", "again", "--yes") == {"removed": ["again"]}
     assert (project / "added.txt").read_text() == "new\n"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any directory (the ordinary user's run checks this)")
+def test_a_sessions_directory_it_cannot_use_is_one_line(project: Path, data_dir: Path) -> None:
+    xdg = data_dir.parent.parent
+    xdg.chmod(0)
+    try:
+        for args in (["list"], ["start", "--name", "z", "--project", str(project)]):
+            r = corral_cli("session", *args)
+            assert r.returncode == 125 and r.stderr.count(b"\n") == 1, r.stderr
+            assert b"Permission denied" in r.stderr and b"Traceback" not in r.stderr, r.stderr
+    finally:
+        xdg.chmod(0o755)

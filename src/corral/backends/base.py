@@ -125,6 +125,14 @@ def check_supported(caps: Capabilities, rp: ResolvedPolicy, *, allow_weaker: boo
     return missing
 
 
+def without_unenforced_limits(caps: Capabilities, rp: ResolvedPolicy) -> ResolvedPolicy:
+    """`rp` without the limits `caps` cannot enforce: what accepting a weaker backend means for them
+    (the backend would otherwise refuse to start what the caller accepted)."""
+    names = ("memory", "pids", "cpus", "timeout", "output", "file_size", "open_files")
+    dropped = {n: None for n in names if getattr(rp.limits, n) is not None and f"limits.{n}" not in caps.enforces}
+    return rp.replace(limits=rp.limits.replace(**dropped)) if dropped else rp
+
+
 class Result(Record):
     """How one command ended. Shaped like `subprocess.CompletedProcess`.
 

@@ -387,7 +387,7 @@ def run_command(args: list[str]) -> int:
         return EXIT_USAGE
     _prefetch_cgroup_attach(opts)
     from corral.backends import registry
-    from corral.backends.base import check_supported
+    from corral.backends.base import check_supported, without_unenforced_limits
     from corral.policy.resolve import resolve
     from corral.sandbox import _Guard, new_id
 
@@ -397,6 +397,7 @@ def run_command(args: list[str]) -> int:
     weaker = check_supported(caps, rp, allow_weaker=bool(opts.get("--allow-weaker")))
     if weaker:
         _error(f"warning: backend {backend.name} does not enforce: {'; '.join(weaker)}")
+        rp = without_unenforced_limits(caps, rp)
     audit = None
     if audit_path:
         from corral.audit import AuditLog

@@ -118,7 +118,12 @@ def pump(
                 if name not in counted:
                     out.data[name] += chunk
                     continue
-                if out.take(name, chunk, output_limit=output_limit, capture=capture, on_output=on_output):
+                try:
+                    crossed = out.take(name, chunk, output_limit=output_limit, capture=capture, on_output=on_output)
+                except BaseException:  # the caller's on_output failed: its command must not run on unwatched
+                    stop()
+                    raise
+                if crossed:
                     stop()
     finally:
         for fd in names:

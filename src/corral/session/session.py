@@ -99,10 +99,13 @@ class Session:
         excludes = list(excludes)
         if inside(base, project):  # never copy the sessions (this one included) into themselves
             excludes.append("/" + os.path.relpath(base, project) + "/")
-        os.makedirs(base, mode=0o700, exist_ok=True)
         import tempfile
 
-        building = tempfile.mkdtemp(prefix=f".{name}.new-", dir=base)
+        try:
+            os.makedirs(base, mode=0o700, exist_ok=True)
+            building = tempfile.mkdtemp(prefix=f".{name}.new-", dir=base)
+        except OSError as exc:
+            raise SessionError(f"cannot make a session in {base}: {exc.strerror}") from None
         try:
             workspace = os.path.join(building, "workspace")
             os.mkdir(workspace, 0o755)

@@ -183,6 +183,8 @@ def list_sessions(data_dir: str | None = None) -> list[SessionInfo]:
         names = sorted(os.listdir(base))
     except FileNotFoundError:
         return []
+    except OSError as exc:
+        raise SessionError(f"cannot read the sessions directory {base}: {exc.strerror}") from None
     out = []
     for name in names:
         directory = os.path.join(base, name)
