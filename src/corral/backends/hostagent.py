@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import stat
 import sys
 import tempfile
 
@@ -145,6 +146,8 @@ class HostAgentBackend(Backend):
 
     def _private_dirs(self, rp: ResolvedPolicy) -> dict[str, str]:
         private: dict[str, str] = {}
+        if any(zone.mode == "tmpfs" for zone in rp.zones):
+            reap_stale_private_dirs()
         for zone in rp.zones:
             if zone.mode != "tmpfs":
                 continue
@@ -152,7 +155,9 @@ class HostAgentBackend(Backend):
                 _remove(private)
                 raise UnsupportedPolicy(self.name, (f"tmpfs zone {zone.mount} (only /tmp and the home directory "
                                                     "can be emulated without a mount namespace)",))  # fmt: skip
-            path = tempfile.mkdtemp(prefix=f"corral-{zone.mount.strip('/').replace('/', '-')}-")
+            # The pid in the name lets a later run remove what a killed one left (reap_stale_private_dirs).
+            slug = zone.mount.strip("/").replace("/", "-")
+            path = tempfile.mkdtemp(prefix=f"corral-{os.getpid()}-private-{slug}-")
             private[zone.mount] = path
         return private
 
@@ -171,6 +176,33 @@ def _read_log(fd: int) -> str:
         return os.read(fd, 65536).decode(errors="replace").strip()
     except OSError:
         return ""
+
+
+def reap_stale_private_dirs(directory: str | None = None) -> list[str]:
+    """Remove the private directories of corral processes that no longer exist (killed before they
+    could clean up): ours by owner and name, `corral-PID-private-...`. Returns what was removed."""
+    directory = directory or tempfile.gettempdir()
+    removed: list[str] = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        parts = name.split("-", 2)
+        if len(parts) < 3 or parts[0] != "corral" or not parts[1].isdigit() or not parts[2].startswith("private-"):
+            continue
+        if int(parts[1]) == os.getpid():
+            continue
+        path = os.path.join(directory, name)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if st.st_uid != os.getuid() or not stat.S_ISDIR(st.st_mode) or os.path.exists(f"/proc/{parts[1]}"):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
 
 
 def _remove(private: dict[str, str]) -> None:

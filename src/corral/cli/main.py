@@ -55,8 +55,24 @@ RUN_FLAGS: dict[str, tuple[str | None, bool, str]] = {
 }
 
 
+class _Terminated(BaseException):
+    """SIGTERM or SIGHUP: unwound like Ctrl-C, so every sandbox and scratch directory is removed."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise _Terminated(signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    if argv is None:
+        import _signal  # type: ignore[import-not-found]  # `signal` would load enum
+
+        for signum in (_signal.SIGTERM, _signal.SIGHUP):
+            _signal.signal(signum, _terminate)
     try:
         code = _dispatch(args)
         sys.stdout.flush()  # here, so that a reader gone early is seen below and not at exit
@@ -65,6 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = exc.exit_code
     except KeyboardInterrupt:
         code = 130
+    except _Terminated as exc:
+        code = 128 + exc.signum
     except BrokenPipeError:
         # Whoever reads our output stopped (`corral ... | head`): end quietly, as SIGPIPE would.
         if argv is None:  # our own process's stdout, not a caller's
