@@ -58,9 +58,12 @@ class Lock:
         except BlockingIOError:
             holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip()
             os.close(self.fd)
-            raise SessionError(
-                f"session {name!r} is in use by another process{f' (pid {holder})' if holder else ''}"
-            ) from None
+            who = (
+                "this process"
+                if holder == str(os.getpid())
+                else f"another process{f' (pid {holder})' if holder else ''}"
+            )
+            raise SessionError(f"session {name!r} is in use by {who}") from None
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, str(os.getpid()).encode(), 0)
 
