@@ -68,7 +68,9 @@ def _terminate(signum: int, frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if argv is None:
+    if argv is None and args[:1] in (["run"], ["run-code"]):
+        # Only for the commands that run one sandbox synchronously and clean up as they unwind: an
+        # exception raised in `corral mcp`'s event loop could be swallowed there, and it would not end.
         import _signal  # type: ignore[import-not-found]  # `signal` would load enum
 
         for signum in (_signal.SIGTERM, _signal.SIGHUP):
