@@ -192,7 +192,9 @@ def _timeout(timeout: float | None) -> float | None:
     """A per-call timeout, checked as the policy's is: a finite number of seconds above zero."""
     if timeout is None:
         return None
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout < 24 * 86400:
+    from corral.policy.model import MAX_SECONDS
+
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout < MAX_SECONDS:
         raise ConfigError(f"must be a number of seconds above 0 and below 24 days, got {timeout!r}", where="timeout")
     return float(timeout)
 
@@ -288,12 +290,10 @@ class Sandbox:
         if cwd is not None and "\0" in cwd:
             raise ConfigError(f"{cwd[:40]!r} contains a NUL byte", where="cwd")
         if env:
-            from corral.policy.model import check_env_name
+            from corral.policy.model import check_env_variable
 
             for name, value in env.items():
-                check_env_name(name, where="env")
-                if not isinstance(value, str) or "\0" in value:
-                    raise ConfigError(f"the value of {name} must be a string without NUL, got {value!r}", where="env")
+                check_env_variable(name, value, where="env")
         cwd = cwd or self.rp.cwd
         denied = self._guard.admit(argv, cwd)
         if denied is not None:

@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 # "trap": a WebAssembly module trapped (unreachable, out-of-bounds access, ...): the wasm backend's crash.
 REASONS = ("exited", "timeout", "memory", "pids", "output", "file_size", "signal", "denied", "trap")
 
+# The policy's limits, each a feature "limits.NAME" below.
+LIMITS = ("memory", "pids", "cpus", "timeout", "output", "file_size", "open_files")
+
 # Everything a policy can ask of a backend. A backend lists the ones it enforces.
 FEATURES = {
     "fs.isolation": "filesystem zones (only the zones and a read-only system view are visible)",
@@ -107,7 +110,7 @@ def required_features(rp: ResolvedPolicy) -> dict[str, str]:
         elif zone.host != zone.mount:
             need["fs.remap"] = f"zone {zone.host} mounted at {zone.mount}"
     limits = rp.limits
-    for name in ("memory", "pids", "cpus", "timeout", "output", "file_size", "open_files"):
+    for name in LIMITS:
         if getattr(limits, name) is not None:
             need[f"limits.{name}"] = f"limits.{name}"
     return need
@@ -128,8 +131,7 @@ def check_supported(caps: Capabilities, rp: ResolvedPolicy, *, allow_weaker: boo
 def without_unenforced_limits(caps: Capabilities, rp: ResolvedPolicy) -> ResolvedPolicy:
     """`rp` without the limits `caps` cannot enforce: what accepting a weaker backend means for them
     (the backend would otherwise refuse to start what the caller accepted)."""
-    names = ("memory", "pids", "cpus", "timeout", "output", "file_size", "open_files")
-    dropped = {n: None for n in names if getattr(rp.limits, n) is not None and f"limits.{n}" not in caps.enforces}
+    dropped = {n: None for n in LIMITS if getattr(rp.limits, n) is not None and f"limits.{n}" not in caps.enforces}
     return rp.replace(limits=rp.limits.replace(**dropped)) if dropped else rp
 
 

@@ -378,9 +378,7 @@ class Env(Record):
             check_env_name(name, where="env.pass")
         pairs: list[tuple[str, str]] = []
         for name, value in (values or {}).items():
-            check_env_name(name, where="env.set")
-            if not isinstance(value, str) or "\0" in value:
-                raise ConfigError(f"value of {name} must be a string without NUL bytes", where="env.set")
+            check_env_variable(name, value, where="env.set")
             pairs.append((name, value))
         self._set(passthrough=names, values=tuple(sorted(pairs)))
 
@@ -427,6 +425,13 @@ def check_env_name(name: object, *, where: str) -> None:
     """A name an environment can hold: a non-empty string without `=` or NUL, not starting with a digit."""
     if not isinstance(name, str) or not name or "=" in name or "\0" in name or name[0].isdigit():
         raise ConfigError(f"not a valid variable name: {name!r}", where=where)
+
+
+def check_env_variable(name: object, value: object, *, where: str) -> None:
+    """A variable an environment can hold: a valid name, and a string value without NUL."""
+    check_env_name(name, where=where)
+    if not isinstance(value, str) or "\0" in value:
+        raise ConfigError(f"value of {name} must be a string without NUL bytes", where=where)
 
 
 class Policy(Record):

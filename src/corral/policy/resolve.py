@@ -13,7 +13,7 @@ import stat
 
 from corral._record import Record
 from corral.errors import ConfigError
-from corral.policy.model import Commands, Limits, Network, Policy, Zone, check_env_name
+from corral.policy.model import Commands, Limits, Network, Policy, Zone, check_env_variable
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -87,9 +87,7 @@ class ResolvedPolicy(Record):
         # `corral.run(env=...)` adds to the environment through `replace`: its names are checked here.
         env = fields.get("env", ())
         for name, value in env if isinstance(env, tuple) else ():
-            check_env_name(name, where="env")
-            if not isinstance(value, str) or "\0" in value:
-                raise ConfigError(f"value of {name} must be a string without NUL bytes", where="env")
+            check_env_variable(name, value, where="env")
         self._set(**{"etc_copies": (), **fields})
 
     def etc_contents(self) -> tuple[tuple[str, bytes], ...]:
