@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -255,3 +256,49 @@ def test_allow_weaker_runs_without_the_limits_the_backend_cannot_enforce(policy:
     assert r.ok and r.stdout == b"ran\n", r
     with corral.Sandbox(limited, backend=name, allow_weaker=True) as sb:
         assert any("cpus" in part for part in sb.weaker) and sb.exec(["true"]).ok
+
+
+def test_files_are_written_whole_or_not_at_all_and_failures_are_audited(
+    policy: corral.Policy, workdir: Path, tmp_path: Path
+) -> None:
+    log = tmp_path / "audit.jsonl"
+    small = policy.replace(zones=(*policy.zones, corral.Zone.tmpfs("/scratch", size="64K"))).with_limits(
+        file_size="1M"
+    )
+    with corral.Sandbox(small, audit=str(log)) as sb:
+        sb.put_file("/scratch/kept", b"old contents")
+        # The tmpfs fills up part way: the old file stays whole, no partial or temporary file is left.
+        with pytest.raises(corral.SandboxFileError) as full:
+            sb.put_file("/scratch/kept", b"x" * (200 << 10))
+        assert full.value.errno == errno.ENOSPC and isinstance(full.value, OSError)
+        assert sb.get_file("/scratch/kept") == b"old contents"
+        assert sb.exec(["ls", "-A", "/scratch"]).stdout == b"kept\n"
+        # Over the file size limit: refused before anything is written, the limit named.
+        (workdir / "big").write_bytes(b"before")
+        with pytest.raises(corral.SandboxFileError, match=r"over the file size limit \(1M\)") as big:
+            sb.put_file("big", b"x" * (2 << 20))
+        assert big.value.errno == errno.EFBIG and (workdir / "big").read_bytes() == b"before"
+        with pytest.raises(corral.PolicyDenied):
+            sb.put_file("/usr/corral-x", b"x")
+        with pytest.raises(corral.SandboxFileError, match="No such file"):
+            sb.get_file("missing")
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    files = [(e["event"], e["path"], e.get("decision"), "error" in e) for e in events if e["event"].startswith("file.")]
+    assert files == [
+        ("file.put", "/scratch/kept", None, False),
+        ("file.put", "/scratch/kept", None, True),
+        ("file.get", "/scratch/kept", None, False),
+        ("file.put", "big", None, True),
+        ("file.put", "/usr/corral-x", "deny", True),
+        ("file.get", "missing", None, True),
+    ]
+
+
+@pytest.mark.parametrize("backend", ["namespace", "landlock"])
+def test_peak_memory_is_the_command_s_own_or_unknown(policy: corral.Policy, backend: str) -> None:
+    # The agent's own resident size (~13 MB) is counted into every command it spawns: a command
+    # below it has no known peak rather than the agent's.
+    with corral.Sandbox(policy, backend=backend) as sb:
+        assert sb.exec(["true"]).peak_memory is None
+        big = sb.exec(["python3", "-c", "b = bytearray(96 << 20); b[::4096] = b'x' * len(b[::4096])"])
+        assert big.ok and big.peak_memory is not None and 96 << 20 <= big.peak_memory < 160 << 20, big

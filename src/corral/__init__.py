@@ -41,6 +41,7 @@ _EXPORTS = {
     "UnsupportedPolicy": "corral.errors",
     "LaunchError": "corral.errors",
     "SandboxLost": "corral.errors",
+    "SandboxFileError": "corral.errors",
     "ToolError": "corral.errors",
     "SessionError": "corral.errors",
 }
@@ -48,7 +49,8 @@ _EXPORTS = {
 __all__ = [
     "AskRequest", "AuditLog", "BackendError", "BackendUnavailable", "Capabilities", "CommandFailed", "Commands",
     "ConfigError", "Container", "CorralError", "Env", "LaunchError", "Limits", "Network", "Policy", "PolicyDenied",
-    "Result", "Sandbox", "SandboxLost", "Session", "SessionError", "ToolError", "UnsupportedPolicy", "Zone",
+    "Result", "Sandbox", "SandboxFileError", "SandboxLost", "Session", "SessionError", "ToolError",
+    "UnsupportedPolicy", "Zone",
     "__version__", "load_policy", "run", "run_code",
 ]  # fmt: skip
 
@@ -64,6 +66,7 @@ if TYPE_CHECKING:
         CorralError,
         LaunchError,
         PolicyDenied,
+        SandboxFileError,
         SandboxLost,
         SessionError,
         ToolError,

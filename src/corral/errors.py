@@ -4,6 +4,7 @@
     ├── ConfigError                  bad input: a policy, a TOML file, a CLI flag (nothing ran)
     ├── PolicyDenied                 the policy refused a command or a path (expected, audited)
     ├── ToolError                    an agent tool could not do what was asked (missing file, text not found)
+    ├── SandboxFileError             put_file/get_file failed for a reason other than the policy (also an OSError)
     ├── SessionError                 a workspace session cannot be created, opened or changed as asked
     └── BackendError                 the isolation layer
         ├── BackendUnavailable       this backend cannot work on this host (reason + fix)
@@ -24,6 +25,7 @@ __all__ = [
     "CorralError",
     "LaunchError",
     "PolicyDenied",
+    "SandboxFileError",
     "SandboxLost",
     "SessionError",
     "ToolError",
@@ -70,6 +72,21 @@ class ToolError(CorralError):
     def __init__(self, message: str, *, tool: str = "") -> None:
         self.tool = tool
         super().__init__(message)
+
+
+class SandboxFileError(CorralError, OSError):
+    """`put_file` or `get_file` failed for a reason other than the policy: the file is missing, a
+    directory, larger than asked for, over the file size limit, or the sandbox's disk is full. Also an
+    OSError with `errno` and `filename` set (policy refusals are `PolicyDenied`)."""
+
+    exit_code = 1
+
+    def __init__(self, errno: int, message: str, *, path: str) -> None:
+        super().__init__(errno, message, path)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class SessionError(CorralError):

@@ -9,11 +9,12 @@ and `corral.run(argv, policy=...)`, the one-shot form shaped like `subprocess.ru
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 
 from corral.backends.base import Result, check_supported, without_unenforced_limits
-from corral.errors import ConfigError, CorralError, PolicyDenied, SandboxLost
+from corral.errors import ConfigError, CorralError, PolicyDenied, SandboxFileError, SandboxLost
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -306,22 +307,49 @@ class Sandbox:
         return result
 
     def put_file(self, path: str, data: bytes, *, mode: int = 0o644) -> None:
+        """Write `data` to `path` (relative to the working directory) inside, whole or not at all.
+        The policy's refusals raise `PolicyDenied`; a missing directory, data over the file size
+        limit or a full disk raise `SandboxFileError`."""
         _check_path(path)
         data = _bytes(data, "data") or b""
-        live = self.start()._live
-        assert live is not None
-        live.put_file(path, data, mode=mode)
-        if self.audit is not None:
-            self.audit.write("file.put", sandbox=self.id, backend=self.backend, path=path, size=len(data))
+        try:
+            limit = self.rp.limits.file_size
+            if limit is not None and len(data) > limit:
+                from corral.units import format_size
+
+                raise SandboxFileError(errno.EFBIG, f"cannot write {path} in the sandbox: {len(data)} bytes is "
+                                       f"over the file size limit ({format_size(limit)})", path=path)  # fmt: skip
+            live = self.start()._live
+            assert live is not None
+            live.put_file(path, data, mode=mode)
+        except (PolicyDenied, SandboxFileError) as exc:
+            self._record_file("file.put", path, len(data), exc)
+            raise
+        self._record_file("file.put", path, len(data))
 
     def get_file(self, path: str, *, max_bytes: int = 64 << 20) -> bytes:
+        """The bytes of `path` inside. A file the policy hides raises `PolicyDenied`; a missing one,
+        a directory or one over `max_bytes` raises `SandboxFileError`."""
         _check_path(path)
-        live = self.start()._live
-        assert live is not None
-        data = live.get_file(path, max_bytes=max_bytes)
-        if self.audit is not None:
-            self.audit.write("file.get", sandbox=self.id, backend=self.backend, path=path, size=len(data))
+        try:
+            live = self.start()._live
+            assert live is not None
+            data = live.get_file(path, max_bytes=max_bytes)
+        except (PolicyDenied, SandboxFileError) as exc:
+            self._record_file("file.get", path, None, exc)
+            raise
+        self._record_file("file.get", path, len(data))
         return data
+
+    def _record_file(self, event: str, path: str, size: int | None, error: CorralError | None = None) -> None:
+        if self.audit is None:
+            return
+        fields: dict[str, object] = {"path": path, "size": size}
+        if isinstance(error, PolicyDenied):
+            fields.update(decision="deny", rule=error.rule, error=str(error))
+        elif error is not None:
+            fields["error"] = str(error)
+        self.audit.write(event, sandbox=self.id, backend=self.backend, **fields)
 
     def stop(self) -> None:
         """Stop it for good (idempotent): it takes no more commands."""

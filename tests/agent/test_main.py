@@ -141,9 +141,9 @@ def test_a_request_no_program_can_receive_is_refused_by_the_agent_itself(sandbox
     assert r.returncode == 126 and "Invalid argument" in r.detail, r
     r = live.exec(["true"], cwd="/tmp\0x")
     assert r.returncode == 126 and "working directory" in r.detail, r
-    with pytest.raises(corral.PolicyDenied, match="Invalid argument"):
+    with pytest.raises(corral.SandboxFileError, match="Invalid argument"):
         live.put_file("/tmp/a\0b", b"x")
-    with pytest.raises(corral.PolicyDenied, match="Invalid argument"):
+    with pytest.raises(corral.SandboxFileError, match="Invalid argument"):
         live.get_file("/tmp/a\0b")
     with pytest.raises(corral.ConfigError, match="^path: not a file path"):
         sandbox.put_file("a\0b", b"x")

@@ -76,3 +76,26 @@ def test_the_cli_names_the_limit_either_way(tmp_path: object) -> None:
         assert b"corral: note: the memory limit 64M is a per-process RLIMIT_DATA" in r.stderr, r.stderr
     quiet = corral_cli("run", "--memory", "64M", "--", "sh", "-c", "exit 0", cwd=str(tmp_path))
     assert quiet.returncode == 0 and b"note" not in quiet.stderr, quiet.stderr
+
+
+def test_the_open_files_limit_is_named_when_a_command_runs_out(policy: corral.Policy) -> None:
+    limited = policy.with_limits(open_files=3)  # fds 0-2: the loader cannot open libc
+    with corral.Sandbox(limited, backend="namespace") as sb:
+        for r in (corral.run(["sh", "-c", "true"], policy=limited, backend="namespace"), sb.exec(["sh", "-c", "true"])):
+            assert r.returncode == 127 and b"Error 24" in r.stderr, r
+            assert r.note == "the open files limit (3) is per process: opening more fails inside the command", r
+
+
+@pytest.mark.parametrize("backend", ["namespace", "landlock"])
+def test_a_pids_limit_of_one_leaves_a_one_shot_no_room_and_says_so(policy: corral.Policy, backend: str) -> None:
+    r = corral.run(["true"], policy=policy.with_limits(pids=1), backend=backend)
+    assert (r.returncode, r.reason, r.detail) == (126, "pids", "true: not started, the pids limit (1) was reached"), r
+    if backend == "namespace":  # landlock's RLIMIT_NPROC, as an ordinary user, counts the user's host processes
+        assert corral.run(["true"], policy=policy.with_limits(pids=2), backend=backend).ok
+
+
+def test_the_cli_names_a_command_that_could_not_start_once(tmp_path: object) -> None:
+    from tests.conftest import corral_cli
+
+    r = corral_cli("run", "--pids", "1", "--", "true", cwd=str(tmp_path))
+    assert r.returncode == 126 and r.stderr == b"corral: true: not started, the pids limit (1) was reached\n", r

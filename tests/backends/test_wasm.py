@@ -6,6 +6,7 @@ Everything runs for real under wasmtime; nothing is mocked. Tests that need the 
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import sys
@@ -15,7 +16,7 @@ import pytest
 
 import corral
 from corral.backends.base import Result
-from corral.errors import ConfigError, PolicyDenied, UnsupportedPolicy
+from corral.errors import ConfigError, PolicyDenied, SandboxFileError, UnsupportedPolicy
 from corral.policy.resolve import resolve
 from tests.conftest import corral_cli
 
@@ -335,6 +336,24 @@ def test_live_sandbox_files_and_fresh_instances(project: Path) -> None:
             sb.get_file("link")
         with pytest.raises(PolicyDenied):
             sb.get_file("scratch/../../../../../../../../etc/passwd")
+        with pytest.raises(PolicyDenied):
+            sb.put_file("link", b"not through a link")
+        assert (project / "link").is_symlink()
+        with pytest.raises(SandboxFileError) as missing:
+            sb.get_file("no-such-file")
+        assert missing.value.errno == errno.ENOENT and "cannot read no-such-file in the sandbox" in str(missing.value)
+        with pytest.raises(SandboxFileError) as directory:
+            sb.get_file("scratch")
+        assert directory.value.errno == errno.EISDIR
+        with pytest.raises(SandboxFileError) as large:
+            sb.get_file("data.txt", max_bytes=3)
+        assert large.value.errno == errno.EFBIG
+        with pytest.raises(SandboxFileError) as no_dir:
+            sb.put_file("no-such-dir/x", b"x")
+        assert no_dir.value.errno == errno.ENOENT
+        sb.put_file("data.txt", b"replaced")
+        assert (project / "data.txt").read_bytes() == b"replaced"
+        assert not [p for p in os.listdir(project) if "corral-put" in p]
         scratch = sb._live._private[scratch_mount]  # type: ignore[attr-defined]
         assert os.path.isdir(scratch)
     assert not os.path.exists(scratch)

@@ -237,3 +237,49 @@ async def test_sync_tool_only_when_allowed(project: Path, data_dir: dict[str, st
         r = await c.call_tool("sync", {})
         assert not r.is_error, text(r)
     assert "a + b" in (project / "calc.py").read_text()
+
+
+@pytest.mark.parametrize("mode", ["idle", "running-a-command", "http"])
+def test_sigterm_ends_the_server_and_removes_its_temporary_session(
+    project: Path, data_dir: dict[str, str], mode: str
+) -> None:
+    import json
+    import signal
+
+    busy, port = mode == "running-a-command", free_port()
+    http = ["--http", f"127.0.0.1:{port}"] if mode == "http" else []
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "corral", "mcp", "--project", str(project), *http], env={**os.environ, **data_dir},
+        cwd=str(project), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdin is not None and proc.stderr is not None
+    try:
+        banner = proc.stderr.readline().decode()
+        workspace = Path(banner.split("workspace ")[1].split(",")[0])
+        sessions = Path(data_dir["XDG_DATA_HOME"]) / "corral" / "sessions"
+        assert workspace.is_dir() and len(list(sessions.iterdir())) == 1, banner
+        if http:
+            assert b"serving http" in proc.stderr.readline()
+        if busy:
+            for message in (
+                {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18",
+                 "capabilities": {}, "clientInfo": {"name": "test", "version": "0"}}},
+                {"jsonrpc": "2.0", "method": "notifications/initialized"},
+                {"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+                 "params": {"name": "bash", "arguments": {"command": "touch started; sleep 60"}}},
+            ):  # fmt: skip
+                proc.stdin.write(json.dumps(message).encode() + b"\n")
+            proc.stdin.flush()
+            deadline = time.monotonic() + 30
+            while not (workspace / "started").exists():
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.05)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 128 + signal.SIGTERM
+        assert time.monotonic() - started < 10  # a running command does not hold the server up
+        assert list(sessions.iterdir()) == [], "the temporary session was left behind"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -108,7 +108,15 @@ class Agent:
         protocol.send(self.sock, info)
 
     # ---------------------------------------------------------------- requests
+    def own_peak(self) -> int:
+        """Our own peak resident size, in bytes."""
+        import resource  # loaded by serve(), once the host has its answer to hello
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
     def serve(self) -> None:
+        import resource  # noqa: F401  (for own_peak)
+
         for sig in _CAUGHT_SIGNALS:
             signal.signal(sig, _ignore)
         poller = self.poller
@@ -269,10 +277,18 @@ class Agent:
 
     def op_put(self, message: dict, fds: list) -> None:  # type: ignore[type-arg]
         status_fd, data_fd = fds[0], fds[1]
+        temp = None
         try:
             path = str(message["path"])
-            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
-            out = os.open(path, flags, int(message.get("mode", 0o644)))
+            if os.path.islink(path):
+                raise OSError(errno.ELOOP, "is a symbolic link")
+            # Written beside the target, then renamed over it: a write that fails (the file size
+            # limit, a full tmpfs) leaves the old file whole and no partial one.
+            head, name = os.path.split(path)
+            name = os.path.join(head, ".%s.corral-put-%d" % (name, int(message.get("id", 0))))
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+            out = os.open(name, flags, int(message.get("mode", 0o644)))
+            temp = name
             try:
                 os.lseek(data_fd, 0, os.SEEK_SET)
                 while True:
@@ -284,12 +300,19 @@ class Agent:
                         view = view[os.write(out, view) :]
             finally:
                 os.close(out)
+            os.rename(temp, path)
+            temp = None
             protocol.write_status(status_fd, {"ok": True})
         except OSError as exc:
             protocol.write_status(status_fd, {"error": exc.strerror or str(exc), "errno": exc.errno or errno.EIO})
         except ValueError:  # a NUL byte in the path
             protocol.write_status(status_fd, {"error": os.strerror(errno.EINVAL), "errno": errno.EINVAL})
         finally:
+            if temp is not None:
+                try:
+                    os.unlink(temp)
+                except OSError:
+                    pass
             os.close(data_fd)
             os.close(status_fd)
 
@@ -302,6 +325,8 @@ class Agent:
                 import stat
 
                 st = os.fstat(src)
+                if stat.S_ISDIR(st.st_mode):
+                    raise OSError(errno.EISDIR, os.strerror(errno.EISDIR))
                 if not stat.S_ISREG(st.st_mode):
                     raise OSError(errno.EINVAL, "not a regular file")
                 if st.st_size > limit:
@@ -349,12 +374,16 @@ class Agent:
                 self.poller.unregister(running.pidfd)
                 os.close(running.pidfd)
             finished.append((running, status, usage.ru_maxrss * 1024))
+        # A spawned child shares our memory until it execs, and the kernel counts our peak into its
+        # own: a peak no higher than ours says only that the command's was at most that (unknown).
+        own_peak = self.own_peak() if finished else 0
         for running, status, maxrss in finished:
             # No child left at all (the usual case) means the command left nothing behind.
             if children_left:
                 self._clean_up_after(running.pid)
             try:
-                protocol.write_status(running.status_fd, {"status": status, "maxrss": maxrss})
+                reply = {"status": status, "maxrss": maxrss} if maxrss > own_peak else {"status": status}
+                protocol.write_status(running.status_fd, reply)
             except OSError:
                 pass
             os.close(running.status_fd)

@@ -11,7 +11,7 @@ Anyone can check a backend against this contract with `corral.testing.check_back
 from __future__ import annotations
 
 from corral._record import Record
-from corral.errors import SandboxLost, UnsupportedPolicy
+from corral.errors import PolicyDenied, SandboxFileError, SandboxLost, UnsupportedPolicy
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -140,6 +140,10 @@ class Result(Record):
 
     `returncode` is the exit status, negative for a signal (as in subprocess), None when the
     command never ran (denied). `reason` says why it ended; `detail` says it in words.
+    `peak_memory` is the most memory, in bytes, the command (with what it waited for) held at
+    once; None when it is not known: a command that never ran, or in a live sandbox a command
+    that stayed below the sandbox agent's own resident size (~13 MB), which the kernel counts into
+    every command the agent starts.
     """
 
     __slots__ = (
@@ -259,11 +263,14 @@ class LiveSandbox:
         raise NotImplementedError
 
     def put_file(self, path: str, data: bytes, *, mode: int = 0o644) -> None:
-        """Write a file inside the sandbox, as the sandbox user (read-only zones refuse)."""
+        """Write a file inside the sandbox, as the sandbox user, whole or not at all. Read-only zones,
+        paths outside every zone and symbolic links raise `PolicyDenied`; other failures (a missing
+        directory, over the file size limit, a full disk) raise `SandboxFileError`."""
         raise NotImplementedError
 
     def get_file(self, path: str, *, max_bytes: int = 64 << 20) -> bytes:
-        """Read a file from inside the sandbox, as the sandbox user."""
+        """Read a file from inside the sandbox, as the sandbox user. A file the policy hides raises
+        `PolicyDenied`; a missing one, a directory or one over `max_bytes` raises `SandboxFileError`."""
         raise NotImplementedError
 
     def stop(self) -> None:
@@ -283,6 +290,18 @@ class LiveSandbox:
         if env:
             full.update(env)
         return full
+
+
+# What the sandbox refusing a file means: the policy (read-only zone, outside every zone, a link).
+_REFUSALS = frozenset({1, 13, 30, 40})  # EPERM, EACCES, EROFS, ELOOP
+
+
+def file_error(verb: str, path: str, errno: int, reason: str) -> PolicyDenied | SandboxFileError:
+    """The error for a put_file (`verb` "write") or get_file ("read") the sandbox answered with `errno`."""
+    message = f"cannot {verb} {path} in the sandbox: {reason}"
+    if errno in _REFUSALS:
+        return PolicyDenied(message, rule="zones")
+    return SandboxFileError(errno, message, path=path)
 
 
 class Backend:

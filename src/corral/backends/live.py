@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import time
 
-from corral.backends.base import LiveSandbox, Result
+from corral.backends.base import LiveSandbox, Result, file_error
 from corral.backends.outcome import classify, not_started
-from corral.errors import PolicyDenied, SandboxLost
+from corral.errors import SandboxLost
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -90,14 +90,14 @@ class AgentSandbox(LiveSandbox):
         if reply.lost:
             raise SandboxLost(f"sandbox {self.id} is gone")
         if reply.error is not None:
-            raise PolicyDenied(f"cannot write {path} in the sandbox: {reply.error}", rule="zones")
+            raise file_error("write", path, reply.errno, reply.error)
 
     def get_file(self, path: str, *, max_bytes: int = 64 << 20) -> bytes:
         reply, data = self.client.get_file(self._absolute(path), max_bytes)
         if reply.lost:
             raise SandboxLost(f"sandbox {self.id} is gone")
         if reply.error is not None:
-            raise PolicyDenied(f"cannot read {path} in the sandbox: {reply.error}", rule="zones")
+            raise file_error("read", path, reply.errno, reply.error)
         return data
 
     def _absolute(self, path: str) -> str:

@@ -64,7 +64,7 @@ def classify(
     else:
         reason, detail = "exited", "" if returncode == 0 else f"exit status {returncode}"
     failed = reason in ("exited", "signal") and returncode != 0
-    note = _rlimit_note(limits, rlimits, pumped.get("stderr")) if failed and rlimits else ""
+    note = _rlimit_note(limits, rlimits, pumped.get("stderr")) if failed else ""
     return Result(
         argv=argv,
         returncode=returncode,
@@ -82,16 +82,22 @@ def classify(
 
 
 def _rlimit_note(limits: Limits, rlimits: Collection[str], stderr: bytes) -> str:
-    """What an rlimit standing in for a cgroup may have done: it makes an allocation or a fork fail
-    inside the command, which then ends as it chooses, and nothing counts it. So the note names the
-    memory limit on any failure (only a caller sets one), the pids limit (every profile has one)
-    only when the command's captured stderr says a fork or a thread failed."""
+    """What an rlimit may have done: it makes an allocation, a fork or an open fail inside the
+    command, which then ends as it chooses, and nothing counts it. So the note names the memory
+    limit standing in for a cgroup on any failure (only a caller sets one), the pids limit (every
+    profile has one) only when the command's captured stderr says a fork or a thread failed, the
+    open files limit when it says a descriptor could not be had."""
     notes = []
     if limits.memory is not None and "RLIMIT_DATA" in rlimits:
         notes.append(f"the memory limit {format_size(limits.memory)} is a per-process RLIMIT_DATA here (no memory "
                      "cgroup): an allocation over it fails inside the command instead of ending it")  # fmt: skip
     if limits.pids is not None and "RLIMIT_NPROC" in rlimits and any(sign in stderr for sign in _FORK_FAILED):
         notes.append(f"the pids limit ({limits.pids}) is an RLIMIT_NPROC here: a fork over it fails inside the command")
+    # The open files limit is an RLIMIT_NOFILE on every backend: EMFILE, as libc and the loader say it.
+    if limits.open_files is not None and (b"Too many open files" in stderr or b"Error 24" in stderr):
+        notes.append(
+            f"the open files limit ({limits.open_files}) is per process: opening more fails inside the command"
+        )
     return "; ".join(notes)
 
 

@@ -468,8 +468,8 @@ def _report(result: Result, backend: str, sandbox_id: str, *, as_json: bool) -> 
         print(json.dumps({**result.as_json(), "backend": backend, "sandbox": sandbox_id}, indent=2))
     elif result.reason == "denied":
         sys.stderr.buffer.write(result.stderr)
-    elif result.reason != "exited":
-        _error(result.detail)
+    elif result.reason != "exited" and not result.stderr.endswith(f"corral: {result.detail}\n".encode()):
+        _error(result.detail)  # unless it is the command's stderr already (one that never started)
     if result.note and not as_json:
         _error(f"note: {result.note}")
     if result.reason == "denied":

@@ -5,7 +5,11 @@ from __future__ import annotations
 import os
 import sys
 
-from corral.errors import ConfigError
+from corral.errors import ConfigError, CorralError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from corral.session import Session
 
 USAGE = """usage: corral mcp [--project DIR] [--session NAME] [--http HOST:PORT [--allow-remote --token T]]
                   [--allow-sync] [--exclude PATTERN] [corral run's policy flags]
@@ -80,6 +84,7 @@ def mcp_command(args: list[str]) -> int:
         )
     server = CorralMCP(session, allow_sync="--allow-sync" in switches)
     holder.append(server)
+    received = _close_on_signals(session)  # uvicorn, serving http, hands them on once it has stopped
     sys.stderr.write(f"corral mcp: session {session.name}, workspace {session.workspace}, "
                      f"backend {session.sandbox.backend}\n")  # fmt: skip
     try:
@@ -98,7 +103,40 @@ def mcp_command(args: list[str]) -> int:
         pass
     finally:
         session.close()
-    return 0
+    return 128 + received[0] if received else 0
+
+
+def _close_on_signals(session: Session) -> list[int]:
+    """SIGTERM or SIGHUP close the session (a temporary one is deleted) and end the process with
+    128 + the signal's number. The work is done in a thread: the stdin reader sits in a thread no
+    exception reaches, and a tool call may hold the session, which stopping its sandbox releases."""
+    import signal
+    import threading
+
+    def close(signum: int) -> None:
+        def work() -> None:
+            try:  # a command running now ends with its sandbox: the close need not wait for it
+                session.sandbox.stop()
+            except CorralError:
+                pass  # closed already
+            session.close()
+
+        worker = threading.Thread(target=work, daemon=True)
+        worker.start()
+        worker.join(10)
+        os._exit(128 + signum)
+
+    received: list[int] = []
+
+    def handler(signum: int, frame: object) -> None:
+        received.append(signum)
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)  # once is enough
+        threading.Thread(target=close, args=(signum,), daemon=True).start()
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, handler)
+    return received
 
 
 def _strings(value: object) -> list[str]:

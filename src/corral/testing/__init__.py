@@ -132,6 +132,47 @@ def check_live_sandbox_shares_state(backend: Backend, workdir: str) -> None:
     live.stop()  # idempotent
 
 
+def check_files_in_and_out(backend: Backend, workdir: str) -> None:
+    """put_file and get_file: a round trip, replacing a file whole, and the error each failure raises:
+    `SandboxFileError` (an OSError with the errno) for what is missing or too large, `PolicyDenied`
+    for what the policy refuses."""
+    import errno
+
+    from corral.errors import PolicyDenied, SandboxFileError
+
+    def fails(call: Callable[[], object], kind: type[Exception], code: int | None = None) -> None:
+        try:
+            call()
+        except kind as exc:
+            assert code is None or getattr(exc, "errno", None) == code, (exc, code)
+            assert "in the sandbox" in str(exc) or "outside every zone" in str(exc), exc
+        else:
+            raise AssertionError(f"{kind.__name__} not raised")
+
+    live = backend.start(_policy(workdir), sandbox_id="conformance")
+    try:
+        live.put_file("made.txt", b"first version, longer")
+        live.put_file("made.txt", b"second")
+        assert live.get_file("made.txt") == b"second"
+        with open(os.path.join(workdir, "made.txt"), "rb") as f:
+            assert f.read() == b"second"
+        assert sorted(os.listdir(workdir)) == ["made.txt"], os.listdir(workdir)  # no temporary file left
+        fails(lambda: live.get_file("no-such-file"), SandboxFileError, errno.ENOENT)
+        fails(lambda: live.get_file(workdir), SandboxFileError, errno.EISDIR)
+        fails(lambda: live.get_file("made.txt", max_bytes=3), SandboxFileError, errno.EFBIG)
+        fails(lambda: live.put_file("no-such-dir/x", b"x"), SandboxFileError, errno.ENOENT)
+        os.mkdir(os.path.join(workdir, "a-dir"))
+        fails(lambda: live.put_file("a-dir", b"x"), SandboxFileError)
+        os.symlink("made.txt", os.path.join(workdir, "link"))
+        fails(lambda: live.put_file("link", b"x"), PolicyDenied)
+        assert os.path.islink(os.path.join(workdir, "link")) and live.get_file("made.txt") == b"second"
+        if "fs.isolation" in backend.probe().enforces:
+            fails(lambda: live.put_file("/usr/corral-conformance", b"x"), PolicyDenied)
+            assert not os.path.exists("/usr/corral-conformance")
+    finally:
+        live.stop()
+
+
 def check_open_files_limit_binds_each_command(backend: Backend, workdir: str) -> None:
     """The open-files limit is each command's (hard and soft), and concurrent commands under a small
     one do not starve the sandbox's own machinery of descriptors."""
@@ -171,6 +212,7 @@ CHECKS: list[Check] = [
     check_output_limit,
     check_memory_limit,
     check_live_sandbox_shares_state,
+    check_files_in_and_out,
     check_open_files_limit_binds_each_command,
 ]
 

@@ -19,6 +19,7 @@ so, and `auto` never picks this backend.
 from __future__ import annotations
 
 import base64
+import errno
 import logging
 import os
 import shutil
@@ -26,8 +27,15 @@ import socket
 import tempfile
 import time
 
-from corral.backends.base import Backend, Capabilities, LiveSandbox, Result
-from corral.errors import BackendUnavailable, LaunchError, PolicyDenied, SandboxLost, UnsupportedPolicy
+from corral.backends.base import Backend, Capabilities, LiveSandbox, Result, file_error
+from corral.errors import (
+    BackendUnavailable,
+    LaunchError,
+    PolicyDenied,
+    SandboxFileError,
+    SandboxLost,
+    UnsupportedPolicy,
+)
 from corral.kernel.cgroups import Cgroup
 
 TYPE_CHECKING = False
@@ -435,24 +443,24 @@ class MicrovmSandbox(LiveSandbox):
                         maxrss=_int(reply.get("maxrss")) or None)  # fmt: skip
 
     def put_file(self, path: str, data: bytes, *, mode: int = 0o644) -> None:
-        script = ('[ -L "$1" ] && { echo "$1: is a symbolic link" >&2; exit 1; }; '
-                  'if [ -e "$1" ]; then exec cat > "$1"; fi; cat > "$1" && chmod "$2" "$1"')  # fmt: skip
+        # The script's exit status is the errno that explains a refusal. The data goes to a file
+        # beside the target, renamed over it: a failed write leaves the old file whole.
+        script = ('[ -L "$1" ] && exit 40; [ -d "$1" ] && exit 21; d=$(dirname "$1"); [ -d "$d" ] || exit 2; '
+                  '[ -w "$d" ] || exit 13; t="$d/.$(basename "$1").corral-put-$$"; '
+                  'if cat > "$t" && chmod "$2" "$t" && mv -f "$t" "$1"; then exit 0; fi; '
+                  'rm -f "$t"; exit 5')  # fmt: skip
         r = self.exec(["/bin/sh", "-c", script, "sh", self._absolute(path), f"{mode:o}"], stdin=data, timeout=None)
         if not r.ok:
-            raise PolicyDenied(f"cannot write {path} in the sandbox: {r.stderr_text.strip() or r.detail}",
-                               rule="zones")  # fmt: skip
+            raise _script_error("write", path, r)
 
     def get_file(self, path: str, *, max_bytes: int = 64 << 20) -> bytes:
-        script = (
-            '[ -f "$1" ] || { echo "$1: not a regular file" >&2; exit 1; }; '
-            '[ "$(wc -c < "$1")" -le "$2" ] || { echo "$1: larger than $2 bytes" >&2; exit 1; }; exec cat "$1"'
-        )
+        script = ('[ -e "$1" ] || exit 2; [ -d "$1" ] && exit 21; [ -f "$1" ] || exit 22; [ -r "$1" ] || exit 13; '
+                  '[ "$(wc -c < "$1")" -le "$2" ] || exit 27; exec cat "$1"')  # fmt: skip
         r = self.exec(["/bin/sh", "-c", script, "sh", self._absolute(path), str(max_bytes)], timeout=None)
         if not r.ok:
-            raise PolicyDenied(f"cannot read {path} in the sandbox: {r.stderr_text.strip() or r.detail}",
-                               rule="zones")  # fmt: skip
+            raise _script_error("read", path, r)
         if len(r.stdout) > max_bytes or r.stdout_truncated:
-            raise PolicyDenied(f"cannot read {path} in the sandbox: larger than {max_bytes} bytes", rule="zones")
+            raise _script_error("read", path, r, errno.EFBIG)
         return r.stdout
 
     def _absolute(self, path: str) -> str:
@@ -574,3 +582,10 @@ def _die_with_us(argv: tuple[str, ...] | list[str]) -> list[str]:
 
     setpriv = shutil.which("setpriv", path="/usr/bin:/bin:/usr/sbin:/sbin")
     return [setpriv, "--pdeathsig", "KILL", "--", *argv] if setpriv else list(argv)
+
+
+def _script_error(verb: str, path: str, r: Result, code: int | None = None) -> PolicyDenied | SandboxFileError:
+    """The error for a file script's failure: its exit status is an errno (EIO when it is not one)."""
+    code = code or (r.returncode if r.returncode in (2, 13, 21, 22, 27, 40) else errno.EIO)
+    reason = os.strerror(code) if code != errno.EIO else (r.stderr_text.strip() or r.detail or os.strerror(code))
+    return file_error(verb, path, code, reason)

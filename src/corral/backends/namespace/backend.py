@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import time
@@ -132,10 +133,14 @@ class NamespaceBackend(Backend):
         if not missing:
             missing = rp.program_status(argv[0], fresh=True)
             what, subject = "command", argv[0]
+        if not missing and rp.limits.pids == 1:
+            # bubblewrap's init is one of the sandbox's processes: a limit of 1 leaves the command none.
+            missing, what, subject = errno.EAGAIN, "command", argv[0]
         if missing:
             from corral.backends.outcome import not_started
 
-            return not_started(argv, missing, os.strerror(missing), what=what, subject=subject, output=output)
+            return not_started(argv, missing, os.strerror(missing), what=what, subject=subject,
+                               pids_limit=rp.limits.pids, output=output)  # fmt: skip
         timeout = timeout if timeout is not None else rp.limits.timeout
         ours: list[int] = []  # descriptors to close once bubblewrap has its copies
         readers: dict[str, int] = {}

@@ -21,15 +21,24 @@ one CPU or more are met.
 
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
 import shutil
+import stat
 import tempfile
 import threading
 
-from corral.backends.base import Backend, Capabilities, LiveSandbox
+from corral.backends.base import Backend, Capabilities, LiveSandbox, file_error
 from corral.backends.outcome import not_started
-from corral.errors import BackendUnavailable, ConfigError, PolicyDenied, SandboxLost, UnsupportedPolicy
+from corral.errors import (
+    BackendUnavailable,
+    ConfigError,
+    PolicyDenied,
+    SandboxFileError,
+    SandboxLost,
+    UnsupportedPolicy,
+)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -257,20 +266,52 @@ class WasmSandbox(LiveSandbox):
 
     # ------------------------------------------------------------------ files
     def put_file(self, path: str, data: bytes, *, mode: int = 0o644) -> None:
-        fd = self._open(path, write=True, mode=mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        dir_fd, name = self._open_dir(path, write=True)
+        # Written beside the target, then renamed over it: a failed write leaves the old file whole.
+        temp = f".{name}.corral-put-{threading.get_ident()}"
+        try:
+            try:
+                if stat.S_ISLNK(os.lstat(name, dir_fd=dir_fd).st_mode):
+                    raise OSError(errno.ELOOP, "is a symbolic link")
+            except FileNotFoundError:
+                pass
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, mode,
+                         dir_fd=dir_fd)  # fmt: skip
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            except BaseException:
+                os.unlink(temp, dir_fd=dir_fd)
+                raise
+        except OSError as exc:
+            raise file_error("write", path, exc.errno or errno.EIO, exc.strerror or str(exc)) from None
+        finally:
+            os.close(dir_fd)
 
     def get_file(self, path: str, *, max_bytes: int = 64 << 20) -> bytes:
-        fd = self._open(path, write=False)
-        with os.fdopen(fd, "rb") as f:
-            data = f.read(max_bytes + 1)
+        dir_fd, name = self._open_dir(path, write=False)
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
+            with os.fdopen(fd, "rb") as f:
+                mode = os.fstat(fd).st_mode
+                if stat.S_ISDIR(mode):
+                    raise OSError(errno.EISDIR, os.strerror(errno.EISDIR))
+                if not stat.S_ISREG(mode):
+                    raise OSError(errno.EINVAL, "not a regular file")
+                data = f.read(max_bytes + 1)
+        except OSError as exc:
+            raise file_error("read", path, exc.errno or errno.EIO, exc.strerror or str(exc)) from None
+        finally:
+            os.close(dir_fd)
         if len(data) > max_bytes:
-            raise PolicyDenied(f"{path} is larger than {max_bytes} bytes", rule="max_bytes")
+            raise SandboxFileError(errno.EFBIG, f"cannot read {path} in the sandbox: larger than {max_bytes} bytes",
+                                   path=path)  # fmt: skip
         return data
 
-    def _open(self, path: str, *, write: bool, mode: int = 0o644) -> int:
-        """Open a file below a zone's host directory one component at a time, never following a link."""
+    def _open_dir(self, path: str, *, write: bool) -> tuple[int, str]:
+        """The directory holding `path` below a zone's host directory, opened one component at a
+        time without following a link, and the file's name in it."""
         if self._stopped:
             raise SandboxLost(f"sandbox {self.id} was stopped")
         absolute = posixpath.normpath(posixpath.join(self.rp.cwd, path))
@@ -278,30 +319,22 @@ class WasmSandbox(LiveSandbox):
         if found is None:
             raise PolicyDenied(f"{path} is outside every zone", rule="zones")
         root, below, writable = found
+        verb = "write" if write else "read"
         if write and not writable:
             raise PolicyDenied(f"cannot write {path}: the zone is read-only", rule="zones")
         parts = [p for p in below.split("/") if p]
         if not parts:
-            raise PolicyDenied(f"{path} is a directory", rule="zones")
-        flags = os.O_CLOEXEC | os.O_NOFOLLOW
+            raise SandboxFileError(errno.EISDIR, f"cannot {verb} {path} in the sandbox: it is a directory", path=path)
         dir_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            for part in parts[:-1]:
-                try:
-                    next_fd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | flags, dir_fd=dir_fd)
-                except OSError as exc:
-                    raise PolicyDenied(f"cannot reach {path}: {part}: {exc.strerror}", rule="zones") from None
-                os.close(dir_fd)
-                dir_fd = next_fd
+        for part in parts[:-1]:
             try:
-                if write:
-                    return os.open(parts[-1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | flags, mode, dir_fd=dir_fd)
-                return os.open(parts[-1], os.O_RDONLY | flags, dir_fd=dir_fd)
+                next_fd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=dir_fd)
             except OSError as exc:
-                verb = "write" if write else "read"
-                raise PolicyDenied(f"cannot {verb} {path} in the sandbox: {exc.strerror}", rule="zones") from None
-        finally:
+                os.close(dir_fd)
+                raise file_error(verb, path, exc.errno or errno.EIO, f"{part}: {exc.strerror}") from None
             os.close(dir_fd)
+            dir_fd = next_fd
+        return dir_fd, parts[-1]
 
     def stop(self) -> None:
         if self._stopped:
