@@ -262,9 +262,7 @@ def test_files_are_written_whole_or_not_at_all_and_failures_are_audited(
     policy: corral.Policy, workdir: Path, tmp_path: Path
 ) -> None:
     log = tmp_path / "audit.jsonl"
-    small = policy.replace(zones=(*policy.zones, corral.Zone.tmpfs("/scratch", size="64K"))).with_limits(
-        file_size="1M"
-    )
+    small = policy.replace(zones=(*policy.zones, corral.Zone.tmpfs("/scratch", size="64K"))).with_limits(file_size="1M")
     with corral.Sandbox(small, audit=str(log)) as sb:
         sb.put_file("/scratch/kept", b"old contents")
         # The tmpfs fills up part way: the old file stays whole, no partial or temporary file is left.
