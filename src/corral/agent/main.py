@@ -71,6 +71,7 @@ class Agent:
         # Without pidfds (Python < 3.9, Linux < 5.3, some gVisor versions) SIGCHLD does it.
         self.use_pidfd = pidfds and _pidfds_work()
         self.command_rlimits: dict[str, int] = {}  # set on each command, not on us (hello)
+        self.rusage_is_ours = True  # see serve()
 
     # ---------------------------------------------------------------- set-up
     def hello(self, message: dict, seccomp_program: bytes) -> None:  # type: ignore[type-arg]
@@ -109,14 +110,19 @@ class Agent:
 
     # ---------------------------------------------------------------- requests
     def own_peak(self) -> int:
-        """Our own peak resident size, in bytes."""
+        """Our memory's peak resident size, in bytes."""
+        if not self.rusage_is_ours:
+            return _memory_peak()
         import resource  # loaded by serve(), once the host has its answer to hello
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     def serve(self) -> None:
-        import resource  # noqa: F401  (for own_peak)
+        import resource
 
+        # getrusage's peak is also that of the memory we were exec'd from: bubblewrap's (small), or
+        # a host program's when the host started us (landlock, process). Then only /proc says ours.
+        self.rusage_is_ours = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 <= _memory_peak() + (1 << 20)
         for sig in _CAUGHT_SIGNALS:
             signal.signal(sig, _ignore)
         poller = self.poller
@@ -484,6 +490,18 @@ def _kill_session(sid: int) -> None:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
+
+
+def _memory_peak() -> int:
+    """The peak resident size of our memory (VmHWM), in bytes; 0 when /proc does not say."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def _kill_descendants(root: int) -> None:
