@@ -303,3 +303,16 @@ def test_peak_memory_is_the_command_s_own_or_unknown(policy: corral.Policy, back
         assert sb.exec(["true"]).peak_memory is None
         big = sb.exec(["python3", "-c", "b = bytearray(96 << 20); b[::4096] = b'x' * len(b[::4096])"])
         assert big.ok and big.peak_memory is not None and 96 << 20 <= big.peak_memory < 160 << 20, big
+
+
+@pytest.mark.parametrize("backend", ["namespace", "landlock"])
+def test_a_per_call_timeout_shortens_the_policy_s_time_limit_but_never_lifts_it(
+    policy: corral.Policy, backend: str
+) -> None:
+    limited = policy.with_limits(timeout="1s")
+    with corral.Sandbox(limited, backend=backend) as sb:
+        for r in (corral.run(["sleep", "5"], policy=limited, backend=backend, timeout=30),
+                  sb.exec(["sleep", "5"], timeout=30)):  # fmt: skip
+            assert r.reason == "timeout" and r.detail == "timed out after 1s" and r.wall_time < 4, r
+        shorter = sb.exec(["sleep", "5"], timeout=0.3)
+        assert shorter.reason == "timeout" and shorter.wall_time < 1, shorter

@@ -292,6 +292,13 @@ class LiveSandbox:
         return full
 
 
+def effective_timeout(timeout: float | None, limit: float | None) -> float | None:
+    """A per-call timeout may shorten the policy's time limit, never lift it."""
+    if timeout is None or limit is None:
+        return limit if timeout is None else timeout
+    return min(timeout, limit)
+
+
 # What the sandbox refusing a file means: the policy (read-only zone, outside every zone, a link).
 _REFUSALS = frozenset({1, 13, 30, 40})  # EPERM, EACCES, EROFS, ELOOP
 

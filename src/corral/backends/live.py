@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from corral.backends.base import LiveSandbox, Result, file_error
+from corral.backends.base import LiveSandbox, Result, effective_timeout, file_error
 from corral.backends.outcome import classify, not_started
 from corral.errors import SandboxLost
 
@@ -57,7 +57,7 @@ class AgentSandbox(LiveSandbox):
         self._check_exec(argv)
         full_env = self._command_env(env) if env else self._base_env
         limits = self.rp.limits
-        timeout = timeout if timeout is not None else limits.timeout
+        timeout = effective_timeout(timeout, limits.timeout)
         started = time.monotonic()
         deadline = None if timeout is None else started + timeout
         reply, pumped = self.client.exec(

@@ -27,7 +27,7 @@ import socket
 import tempfile
 import time
 
-from corral.backends.base import Backend, Capabilities, LiveSandbox, Result, file_error
+from corral.backends.base import Backend, Capabilities, LiveSandbox, Result, effective_timeout, file_error
 from corral.errors import (
     BackendUnavailable,
     LaunchError,
@@ -420,7 +420,7 @@ class MicrovmSandbox(LiveSandbox):
             return not_started(argv, missing, os.strerror(missing), what="command", subject=argv[0], output=output)
         full_env = self._command_env(env)
         limits = self.rp.limits
-        timeout = timeout if timeout is not None else limits.timeout
+        timeout = effective_timeout(timeout, limits.timeout)
         started = time.monotonic()
         deadline = None if timeout is None else started + timeout
         try:

@@ -7,7 +7,7 @@ import os
 import sys
 import time
 
-from corral.backends.base import Backend, Capabilities, LiveSandbox, Result
+from corral.backends.base import Backend, Capabilities, LiveSandbox, Result, effective_timeout
 from corral.backends.namespace.argv import AGENT_DIR, PROXY_PORT, PROXY_SOCKET, PYTHON_DIR, Extras
 from corral.backends.namespace.launch import Bwrap, command_rlimits, find_bwrap, launch
 from corral.errors import BackendUnavailable, LaunchError
@@ -141,7 +141,7 @@ class NamespaceBackend(Backend):
 
             return not_started(argv, missing, os.strerror(missing), what=what, subject=subject,
                                pids_limit=rp.limits.pids, output=output)  # fmt: skip
-        timeout = timeout if timeout is not None else rp.limits.timeout
+        timeout = effective_timeout(timeout, rp.limits.timeout)
         ours: list[int] = []  # descriptors to close once bubblewrap has its copies
         readers: dict[str, int] = {}
         if output is None:

@@ -29,7 +29,7 @@ import stat
 import tempfile
 import threading
 
-from corral.backends.base import Backend, Capabilities, LiveSandbox, file_error
+from corral.backends.base import Backend, Capabilities, LiveSandbox, effective_timeout, file_error
 from corral.backends.outcome import not_started
 from corral.errors import (
     BackendUnavailable,
@@ -260,7 +260,7 @@ class WasmSandbox(LiveSandbox):
         limits = self.rp.limits
         return execute(
             self._engine.engine, module, argv, name=program, preopens=self.preopens(cwd), env=full_env,
-            stdin=stdin, timeout=timeout if timeout is not None else limits.timeout, memory=limits.memory,
+            stdin=stdin, timeout=effective_timeout(timeout, limits.timeout), memory=limits.memory,
             output_limit=limits.output, fuel=self._fuel, on_output=on_output, output=output, cancel=self._cancel,
         )  # fmt: skip
 
