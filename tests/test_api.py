@@ -316,3 +316,130 @@ def test_a_per_call_timeout_shortens_the_policy_s_time_limit_but_never_lifts_it(
             assert r.reason == "timeout" and r.detail == "timed out after 1s" and r.wall_time < 4, r
         shorter = sb.exec(["sleep", "5"], timeout=0.3)
         assert shorter.reason == "timeout" and shorter.wall_time < 1, shorter
+
+
+def test_threads_that_first_use_a_sandbox_at_once_share_one(policy: corral.Policy, tmp_path: Path) -> None:
+    # ...and it outlives the thread that started it (bubblewrap dies with the thread that spawned it).
+    import threading
+
+    log = tmp_path / "audit.jsonl"
+    sb = corral.Sandbox(policy, audit=log)  # a path-like audit log
+    seen: list[bytes] = []
+
+    def work(i: int) -> None:
+        sb.put_file(f"/tmp/{i}", b"x")
+        seen.append(sb.exec(["ls", "/tmp"]).stdout)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert set(sb.exec(["ls", "/tmp"]).stdout.split()) >= {str(i).encode() for i in range(8)}
+    finally:
+        sb.stop()
+    starts = [line for line in log.read_text().splitlines() if '"sandbox.start"' in line]
+    assert len(starts) == 1, starts
+
+
+def test_a_sandbox_never_stopped_is_stopped_when_collected(policy: corral.Policy) -> None:
+    import gc
+    import glob
+
+    mine = f"/tmp/corral-{os.getpid()}-private-*"
+    before = set(glob.glob(mine))
+    sb = corral.Sandbox(policy, backend="landlock")
+    sb.put_file("/tmp/left", b"behind")
+    assert set(glob.glob(mine)) > before
+    del sb
+    gc.collect()
+    assert set(glob.glob(mine)) == before
+
+
+def test_an_interrupted_exec_does_not_leave_its_command_running(policy: corral.Policy) -> None:
+    import signal
+
+    def interrupt(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    with corral.Sandbox(policy) as sb:
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0.5)
+            with pytest.raises(KeyboardInterrupt):
+                sb.exec(["sh", "-c", "sleep 30"])
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+        time.sleep(0.3)
+        left = sb.exec(["sh", "-c", "cat /proc/[0-9]*/cmdline"])
+        assert b"sleep\x0030" not in left.stdout, left
+
+
+def test_bad_file_arguments_are_refused_and_the_sandbox_lives_on(policy: corral.Policy) -> None:
+    with corral.Sandbox(policy) as sb:
+        for call in (lambda: sb.put_file("/tmp/f", b"x", mode=None),  # type: ignore[arg-type]
+                     lambda: sb.put_file("/tmp/f", b"x", mode=2**40),
+                     lambda: sb.put_file("/tmp/f", b"x", mode="644"),  # type: ignore[arg-type]
+                     lambda: sb.put_file("/tmp/f", b"x", mode=-1),
+                     lambda: sb.get_file("/tmp/f", max_bytes="1M")):  # type: ignore[arg-type]  # fmt: skip
+            with pytest.raises(ConfigError, match="^(mode|max_bytes): must be a whole number"):
+                call()
+        live = sb._live
+        assert live is not None
+        with pytest.raises(corral.SandboxFileError, match="Invalid argument"):  # below the API's checks
+            live.put_file("/tmp/f", b"x", mode=2**40)
+        # A mode is the one asked for, on a new file or one that was there (read-only too).
+        sb.put_file("/tmp/run.sh", b"#!/bin/sh\necho one\n")
+        sb.put_file("/tmp/run.sh", b"#!/bin/sh\necho two\n", mode=0o755)
+        assert sb.exec(["/tmp/run.sh"]).stdout == b"two\n"
+        sb.put_file("/tmp/ro", b"v1", mode=0o444)
+        sb.put_file("/tmp/ro", b"v2", mode=0o444)
+        assert sb.exec(["stat", "-c", "%a", "/tmp/run.sh", "/tmp/ro"]).stdout == b"755\n444\n"
+        assert sb.get_file("/tmp/ro") == b"v2"
+
+
+def test_exec_arguments_of_the_wrong_type_are_refused_by_name(policy: corral.Policy, workdir: Path) -> None:
+    (workdir / "sub").mkdir()
+    with corral.Sandbox(policy) as sb:
+        with pytest.raises(TypeError, match=r"argv\[0\] must be a str, not bytes"):
+            sb.exec([b"echo", "hi"])  # type: ignore[list-item]
+        with pytest.raises(TypeError, match=r"argv\[1\] must be a str, not NoneType"):
+            sb.exec(["echo", None])  # type: ignore[list-item]
+        with pytest.raises(TypeError, match="cwd must be a str"):
+            sb.exec(["pwd"], cwd=5)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="env must be a mapping"):
+            sb.exec(["true"], env=[("A", "b")])  # type: ignore[arg-type]
+        assert sb.exec(["pwd"], cwd="sub").stdout_text == f"{workdir}/sub\n"  # below the working directory
+        assert sb.exec(["echo", workdir / "sub"]).stdout_text == f"{workdir}/sub\n"  # type: ignore[list-item]
+        read, write = os.pipe()
+        os.write(write, b"from a descriptor")
+        os.close(write)
+        try:
+            assert sb.exec(["cat"], stdin=read).stdout == b"from a descriptor"
+        finally:
+            os.close(read)
+
+
+def test_an_exec_during_which_the_sandbox_dies_is_audited(policy: corral.Policy, tmp_path: Path) -> None:
+    log = tmp_path / "audit.jsonl"
+    with corral.Sandbox(policy, backend="landlock", audit=str(log)) as sb, pytest.raises(SandboxLost):
+        sb.exec(["sh", "-c", "kill -9 $PPID; sleep 5"])
+    lost = [json.loads(line) for line in log.read_text().splitlines() if '"lost"' in line]
+    assert len(lost) == 1 and lost[0]["event"] == "exec" and lost[0]["argv"][0] == "sh", lost
+
+
+@pytest.mark.parametrize("backend", ["namespace", "landlock"])
+def test_a_sandbox_started_by_a_thread_outlives_the_thread(policy: corral.Policy, backend: str) -> None:
+    import threading
+
+    sb = corral.Sandbox(policy, backend=backend)
+    try:
+        starter = threading.Thread(target=lambda: sb.exec(["true"]))  # the thread's exec starts it
+        starter.start()
+        starter.join()
+        time.sleep(0.2)
+        assert sb.exec(["echo", "alive"]).stdout == b"alive\n"
+    finally:
+        sb.stop()

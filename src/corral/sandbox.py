@@ -59,12 +59,14 @@ def _resolve(policy: Policy | ResolvedPolicy | None) -> ResolvedPolicy:
     return resolve(policy)
 
 
-def _open_audit(audit: AuditLog | str | None) -> tuple[AuditLog | None, bool]:
-    if audit is None or not isinstance(audit, str):
-        return audit, False
+def _open_audit(audit: AuditLog | str | os.PathLike[str] | None) -> tuple[AuditLog | None, bool]:
     from corral.audit import AuditLog
 
-    return AuditLog(audit), True
+    if audit is None or isinstance(audit, AuditLog):
+        return audit, False
+    if not isinstance(audit, str | os.PathLike):
+        raise TypeError(f"audit must be an AuditLog or a file path, not {type(audit).__name__}")
+    return AuditLog(os.fspath(audit)), True
 
 
 class _Guard:
@@ -155,6 +157,15 @@ class _Guard:
         if self.audit is not None:
             self.audit.write(event, sandbox=self.id, backend=self.backend, **fields)
 
+    def record_lost(self, argv: Sequence[str], cwd: str, error: SandboxLost) -> None:
+        """An exec during which the sandbox died: no Result, but the log says what ran and how it ended."""
+        if self.audit is None:
+            return
+        from corral.audit import redact_argv
+
+        self.audit.write("exec", sandbox=self.id, backend=self.backend, argv=redact_argv(argv), cwd=cwd,
+                         returncode=None, reason="lost", detail=str(error), network=self.rp.network.mode)  # fmt: skip
+
     def record_exec(self, argv: Sequence[str], cwd: str, result: Result) -> None:
         if self.audit is None:
             return
@@ -170,9 +181,15 @@ class _Guard:
 def _command(argv: Sequence[str]) -> list[str]:
     """`argv` as strings; refused when it is one string, or holds a NUL byte (no program can
     receive one: the kernel would cut the argument there)."""
-    if isinstance(argv, str):
+    if isinstance(argv, str | bytes):
         raise TypeError("argv must be a list of strings; use ['sh', '-c', cmd] for a shell command")
-    command = [str(a) for a in argv]
+    command = []
+    for i, arg in enumerate(argv):
+        if isinstance(arg, os.PathLike):
+            arg = os.fspath(arg)
+        if not isinstance(arg, str):  # str() of bytes or None would run something nobody asked for
+            raise TypeError(f"argv[{i}] must be a str, not {type(arg).__name__} ({arg!r:.40})")
+        command.append(arg)
     for i, arg in enumerate(command):
         if "\0" in arg:
             raise ConfigError(f"argument {i} ({arg[:40]!r}) contains a NUL byte", where="argv")
@@ -198,6 +215,22 @@ def _timeout(timeout: float | None) -> float | None:
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout < MAX_SECONDS:
         raise ConfigError(f"must be a number of seconds above 0 and below 24 days, got {timeout!r}", where="timeout")
     return float(timeout)
+
+
+def _stdin(data: object) -> bytes | int | None:
+    """Bytes-like input, or a host file descriptor the command reads directly."""
+    if isinstance(data, int) and not isinstance(data, bool):
+        if data < 0:
+            raise ConfigError(f"not a file descriptor: {data}", where="stdin")
+        return data
+    return _bytes(data, "stdin")
+
+
+def _count(value: object, name: str, *, most: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= most:
+        raise ConfigError(f"must be a whole number from 0 to {most:#o}, got {value!r}" if name == "mode"
+                          else f"must be a whole number from 0 to {most}, got {value!r}", where=name)  # fmt: skip
+    return value
 
 
 def _check_path(path: str) -> None:
@@ -237,10 +270,12 @@ class Sandbox:
         backend: str = "auto",
         min_backend: str | None = None,
         allow_weaker: bool = False,
-        audit: AuditLog | str | None = None,
+        audit: AuditLog | str | os.PathLike[str] | None = None,
         approver: Approver | None = None,
         sandbox_id: str | None = None,
     ) -> None:
+        import threading
+
         from corral.backends import registry
 
         self.rp = _resolve(policy)
@@ -255,6 +290,8 @@ class Sandbox:
                              weaker=self.weaker, live=True)  # fmt: skip
         self._live: LiveSandbox | None = None
         self._stopped = False
+        self._starting = threading.Lock()  # threads that first use it at once start one sandbox
+        self._finalizer: Callable[[], object] | None = None
 
     @property
     def backend(self) -> str:
@@ -264,9 +301,18 @@ class Sandbox:
         """Start it (once; `exec` and the file methods start it too). A stopped Sandbox stays stopped."""
         self._check_not_stopped()
         if self._live is None:
-            started = time.monotonic()
-            self._live = self._backend.start(self.rp, sandbox_id=self.id, events=self._guard.emit)
-            self._guard.write_start(duration=round(time.monotonic() - started, 6))
+            with self._starting:
+                self._check_not_stopped()
+                if self._live is None:
+                    import weakref
+
+                    started = time.monotonic()
+                    live = self._backend.start(self.rp, sandbox_id=self.id, events=self._guard.emit)
+                    # A Sandbox never stopped is stopped when it is collected or the interpreter exits:
+                    # its processes, cgroups and private directories do not outlive the program.
+                    self._finalizer = weakref.finalize(self, live.stop)
+                    self._live = live
+                    self._guard.write_start(duration=round(time.monotonic() - started, 6))
         return self
 
     def _check_not_stopped(self) -> None:
@@ -278,21 +324,33 @@ class Sandbox:
         self,
         argv: Sequence[str],
         *,
-        stdin: bytes | None = None,
+        stdin: bytes | int | None = None,
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         timeout: float | None = None,
         on_output: OutputCallback | None = None,
     ) -> Result:
-        """Run `argv` (a list, never a shell string) inside. Denials and limits come back as a Result."""
+        """Run `argv` (a list, never a shell string) inside. Denials and limits come back as a Result.
+        `stdin` is bytes or a host file descriptor; `cwd` a directory inside (a relative one is
+        below the sandbox's working directory); `timeout` may shorten the policy's, not lift it."""
         argv = _command(argv)
-        stdin, timeout = _bytes(stdin, "stdin"), _timeout(timeout)
+        data, timeout = _stdin(stdin), _timeout(timeout)
         self._check_not_stopped()
-        if cwd is not None and "\0" in cwd:
-            raise ConfigError(f"{cwd[:40]!r} contains a NUL byte", where="cwd")
-        if env:
+        if cwd is not None:
+            if isinstance(cwd, os.PathLike):
+                cwd = os.fspath(cwd)
+            if not isinstance(cwd, str):
+                raise TypeError(f"cwd must be a str, not {type(cwd).__name__}")
+            if "\0" in cwd:
+                raise ConfigError(f"{cwd[:40]!r} contains a NUL byte", where="cwd")
+            cwd = os.path.normpath(os.path.join(self.rp.cwd, cwd))  # a relative one is below the working directory
+        if env is not None:
+            from collections.abc import Mapping
+
             from corral.policy.model import check_env_variable
 
+            if not isinstance(env, Mapping):
+                raise TypeError(f"env must be a mapping of names to values, not {type(env).__name__}")
             for name, value in env.items():
                 check_env_variable(name, value, where="env")
         cwd = cwd or self.rp.cwd
@@ -302,7 +360,11 @@ class Sandbox:
             return denied
         live = self.start()._live
         assert live is not None
-        result = live.exec(argv, stdin=stdin, env=env, cwd=cwd, timeout=timeout, on_output=on_output)
+        try:
+            result = live.exec(argv, stdin=data, env=env, cwd=cwd, timeout=timeout, on_output=on_output)
+        except SandboxLost as exc:
+            self._guard.record_lost(argv, cwd, exc)
+            raise
         self._guard.record_exec(argv, cwd, result)
         return result
 
@@ -312,6 +374,7 @@ class Sandbox:
         limit or a full disk raise `SandboxFileError`."""
         _check_path(path)
         data = _bytes(data, "data") or b""
+        mode = _count(mode, "mode", most=0o7777)
         try:
             limit = self.rp.limits.file_size
             if limit is not None and len(data) > limit:
@@ -331,6 +394,7 @@ class Sandbox:
         """The bytes of `path` inside. A file the policy hides raises `PolicyDenied`; a missing one,
         a directory or one over `max_bytes` raises `SandboxFileError`."""
         _check_path(path)
+        max_bytes = _count(max_bytes, "max_bytes", most=2**63 - 1)
         try:
             live = self.start()._live
             assert live is not None
@@ -356,7 +420,7 @@ class Sandbox:
         self._stopped = True
         live, self._live = self._live, None
         if live is not None:
-            live.stop()
+            (self._finalizer or live.stop)()  # the finalizer stops it once, and never again at exit
             if self.audit is not None:
                 self.audit.write("sandbox.stop", sandbox=self.id, backend=self.backend)
         if self._own_audit and self.audit is not None:

@@ -293,9 +293,11 @@ class Agent:
             head, name = os.path.split(path)
             name = os.path.join(head, ".%s.corral-put-%d" % (name, int(message.get("id", 0))))
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
-            out = os.open(name, flags, int(message.get("mode", 0o644)))
+            mode = int(message.get("mode", 0o644))
+            out = os.open(name, flags, 0o600)
             temp = name
             try:
+                os.fchmod(out, mode)  # the mode asked for, not what the umask leaves of it
                 os.lseek(data_fd, 0, os.SEEK_SET)
                 while True:
                     chunk = os.read(data_fd, 1 << 20)
@@ -308,11 +310,9 @@ class Agent:
                 os.close(out)
             os.rename(temp, path)
             temp = None
-            protocol.write_status(status_fd, {"ok": True})
-        except OSError as exc:
-            protocol.write_status(status_fd, {"error": exc.strerror or str(exc), "errno": exc.errno or errno.EIO})
-        except ValueError:  # a NUL byte in the path
-            protocol.write_status(status_fd, {"error": os.strerror(errno.EINVAL), "errno": errno.EINVAL})
+            _answer(status_fd, {"ok": True})
+        except Exception as exc:  # answered, whatever it is: never our end
+            _answer_error(status_fd, exc)
         finally:
             if temp is not None:
                 try:
@@ -324,8 +324,8 @@ class Agent:
 
     def op_get(self, message: dict, fds: list) -> None:  # type: ignore[type-arg]
         status_fd, data_fd = fds[0], fds[1]
-        limit = int(message.get("max_bytes", 64 << 20))
         try:
+            limit = int(message.get("max_bytes", 64 << 20))
             src = os.open(str(message["path"]), os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
             try:
                 import stat
@@ -350,11 +350,9 @@ class Agent:
                     raise OSError(errno.EFBIG, "file grew past the %d bytes allowed" % limit)
             finally:
                 os.close(src)
-            protocol.write_status(status_fd, {"ok": True, "size": copied})
-        except OSError as exc:
-            protocol.write_status(status_fd, {"error": exc.strerror or str(exc), "errno": exc.errno or errno.EIO})
-        except ValueError:  # a NUL byte in the path
-            protocol.write_status(status_fd, {"error": os.strerror(errno.EINVAL), "errno": errno.EINVAL})
+            _answer(status_fd, {"ok": True, "size": copied})
+        except Exception as exc:  # answered, whatever it is: never our end
+            _answer_error(status_fd, exc)
         finally:
             os.close(data_fd)
             os.close(status_fd)
@@ -490,6 +488,22 @@ def _kill_session(sid: int) -> None:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
+
+
+def _answer(status_fd: int, reply: dict) -> None:  # type: ignore[type-arg]
+    try:
+        protocol.write_status(status_fd, reply)
+    except OSError:  # the host stopped waiting (interrupted): nothing to tell
+        pass
+
+
+def _answer_error(status_fd: int, exc: Exception) -> None:
+    """A failed put or get: the errno of an OSError; EINVAL for a value no file call takes (a NUL
+    byte, a mode out of range, a request that is not what a host of ours sends)."""
+    if isinstance(exc, OSError):
+        _answer(status_fd, {"error": exc.strerror or str(exc), "errno": exc.errno or errno.EIO})
+    else:
+        _answer(status_fd, {"error": os.strerror(errno.EINVAL), "errno": errno.EINVAL})
 
 
 def _memory_peak() -> int:

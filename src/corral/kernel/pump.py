@@ -118,13 +118,12 @@ def pump(
                 if name not in counted:
                     out.data[name] += chunk
                     continue
-                try:
-                    crossed = out.take(name, chunk, output_limit=output_limit, capture=capture, on_output=on_output)
-                except BaseException:  # the caller's on_output failed: its command must not run on unwatched
+                if out.take(name, chunk, output_limit=output_limit, capture=capture, on_output=on_output):
                     stop()
-                    raise
-                if crossed:
-                    stop()
+    except BaseException:  # on_output failed, or the caller was interrupted: the command must not run on unwatched
+        if killed_at is None:
+            kill()
+        raise
     finally:
         for fd in names:
             if fd != watch:

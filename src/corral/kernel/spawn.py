@@ -6,12 +6,17 @@ with `os.posix_spawn` and closes, in the child, every inherited descriptor it wa
 
 from __future__ import annotations
 
+import _thread
 import os
 import select
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Callable, Mapping, Sequence
+    from concurrent.futures import ThreadPoolExecutor
+    from typing import TypeVar
+
+    T = TypeVar("T")
 
 SIGKILL = 9
 
@@ -122,3 +127,28 @@ def memfd_with(name: str, data: bytes) -> int:
         view = view[os.write(fd, view) :]
     os.lseek(fd, 0, os.SEEK_SET)
     return fd
+
+
+_lasting: ThreadPoolExecutor | None = None
+_lasting_lock = _thread.allocate_lock()
+
+
+def on_lasting_thread(start: Callable[[], T]) -> T:
+    """`start()`, on a thread that lasts as long as the process.
+
+    A child started with a parent-death signal (bubblewrap's --die-with-parent, setpriv
+    --pdeathsig) gets it when the *thread* that started it ends, not the process: a live sandbox
+    started from a worker thread (a web server's, an MCP server's) would die with that thread.
+    The main thread lasts; other threads hand the start to one thread kept for it.
+    """
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        return start()
+    global _lasting
+    with _lasting_lock:
+        if _lasting is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _lasting = ThreadPoolExecutor(max_workers=1, thread_name_prefix="corral-launcher")
+    return _lasting.submit(start).result()

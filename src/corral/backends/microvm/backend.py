@@ -325,7 +325,7 @@ class MicrovmBackend(Backend):
         the `corral.net` port's host end is a socketpair (`vm.net`), else QEMU's null device."""
         from corral.backends.microvm.client import StreamClient
         from corral.backends.microvm.qemu import QemuVm, Qmp, VmSpec, host_tsc_khz, kernel_cmdline, qemu_argv
-        from corral.kernel.spawn import Child, spawn
+        from corral.kernel.spawn import Child, on_lasting_thread, spawn
 
         workdir = tempfile.mkdtemp(prefix="corral-microvm-")
         host_agent, vm_agent = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -345,8 +345,10 @@ class MicrovmBackend(Backend):
         null = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
         errlog = os.open(os.path.join(workdir, "qemu.log"), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            pid = spawn(_die_with_us(qemu_argv(self.qemu, spec)), env={"PATH": "/usr/bin:/bin"},
-                        stdio=(null, errlog, errlog), pass_fds=passed, new_session=True)  # fmt: skip
+            # setpriv's --pdeathsig fires when the thread that starts it ends: one that lasts.
+            argv = _die_with_us(qemu_argv(self.qemu, spec))
+            pid = on_lasting_thread(lambda: spawn(argv, env={"PATH": "/usr/bin:/bin"}, stdio=(null, errlog, errlog),
+                                                  pass_fds=passed, new_session=True))  # fmt: skip
         except OSError as exc:
             for sock in (host_agent, host_qmp, host_net):
                 if sock is not None:

@@ -222,6 +222,7 @@ class NamespaceBackend(Backend):
 
         from corral.agent.client import AgentClient
         from corral.backends.live import AgentSandbox
+        from corral.kernel.spawn import on_lasting_thread
 
         python, extras = agent_python()
         hello: dict[str, object] = {"landlock": landlock_rules(rp), "command_rlimits": command_rlimits(rp)}
@@ -236,8 +237,10 @@ class NamespaceBackend(Backend):
         command = [python, "-E", "-s", "-S", "-B", f"{AGENT_DIR}/main.py"]
         agent_rp = rp.replace(env=(*rp.env, ("CORRAL_AGENT_FD", str(agent_fd))))
         try:
-            launched = launch(self.bwrap, agent_rp, command, cgroups=self.cgroups, stdio=(null_fd, log_fd, log_fd),
-                              pass_fds=[agent_fd], extras=extras, want_pids_cgroup=True, as_pid_1=True)  # fmt: skip
+            # bubblewrap dies with the thread that starts it (--die-with-parent): one that lasts.
+            launched = on_lasting_thread(lambda: launch(
+                self.bwrap, agent_rp, command, cgroups=self.cgroups, stdio=(null_fd, log_fd, log_fd),
+                pass_fds=[agent_fd], extras=extras, want_pids_cgroup=True, as_pid_1=True))  # fmt: skip
         except BaseException:
             host_sock.close()
             os.close(log_fd)

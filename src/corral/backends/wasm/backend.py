@@ -275,9 +275,10 @@ class WasmSandbox(LiveSandbox):
                     raise OSError(errno.ELOOP, "is a symbolic link")
             except FileNotFoundError:
                 pass
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, mode,
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600,
                          dir_fd=dir_fd)  # fmt: skip
             try:
+                os.fchmod(fd, mode)  # the mode asked for, not what the umask leaves of it
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
                 os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
