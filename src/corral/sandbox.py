@@ -415,6 +415,13 @@ class Sandbox:
             fields["error"] = str(error)
         self.audit.write(event, sandbox=self.id, backend=self.backend, **fields)
 
+    def interrupt(self, thread: int | None = None) -> None:
+        """Kill the commands running in it now (from any thread), or only those whose `exec` the
+        thread with ident `thread` is in; each such `exec` returns a Result killed by signal 9."""
+        live = self._live
+        if live is not None:
+            live.interrupt(thread)
+
     def stop(self) -> None:
         """Stop it for good (idempotent): it takes no more commands."""
         self._stopped = True

@@ -283,3 +283,46 @@ def test_sigterm_ends_the_server_and_removes_its_temporary_session(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+async def test_a_cancelled_call_kills_its_command(project: Path, data_dir: dict[str, str]) -> None:
+    async with Client(stdio(project, data_dir)) as c:
+        with anyio.move_on_after(2):
+            await c.call_tool("bash", {"command": "touch started; sleep 30"})
+        started = time.monotonic()
+        r = await c.call_tool("bash", {"command": "echo next"})
+        assert "next" in text(r) and time.monotonic() - started < 10, text(r)
+        r = await c.call_tool("bash", {"command": "cat /proc/[0-9]*/cmdline | tr '\\0' ' '"})
+        assert "sleep 30" not in text(r), text(r)
+
+
+def test_a_client_that_goes_away_mid_call_ends_the_server(project: Path, data_dir: dict[str, str]) -> None:
+    import json
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "corral", "mcp", "--project", str(project)], env={**os.environ, **data_dir},
+        cwd=str(project), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdin is not None and proc.stderr is not None
+    try:
+        workspace = Path(proc.stderr.readline().decode().split("workspace ")[1].split(",")[0])
+        for message in (
+            {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18",
+             "capabilities": {}, "clientInfo": {"name": "test", "version": "0"}}},
+            {"jsonrpc": "2.0", "method": "notifications/initialized"},
+            {"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+             "params": {"name": "bash", "arguments": {"command": "touch started; sleep 60"}}},
+        ):  # fmt: skip
+            proc.stdin.write(json.dumps(message).encode() + b"\n")
+        proc.stdin.flush()
+        deadline = time.monotonic() + 30
+        while not (workspace / "started").exists():
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        proc.stdin.close()  # the client is gone
+        assert proc.wait(timeout=20) == 0
+        assert not list((Path(data_dir["XDG_DATA_HOME"]) / "corral" / "sessions").iterdir())
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -71,6 +71,7 @@ class AgentClient:
         self.rlimits: frozenset[str] = frozenset()  # the names of those the agent runs under (hello)
         self._env_seen: Mapping[str, str] | None = None
         self._env_encoded = b"{}"
+        self._running: dict[int, int] = {}  # exec id -> the thread waiting for it
 
     def handshake(self, hello: dict[str, object], *, fds: Sequence[int] = (), timeout: float = 15.0) -> None:
         """Send the confinement and wait until the agent says it is ready (or why it is not)."""
@@ -160,16 +161,23 @@ class AgentClient:
             except SandboxLost:
                 pass
 
-        pumped = pump(
-            readers,
-            deadline=deadline,
-            output_limit=output_limit,
-            on_output=on_output,
-            kill=kill,
-        )
+        self._running[exec_id] = threading.get_ident()
+        try:
+            pumped = pump(readers, deadline=deadline, output_limit=output_limit, on_output=on_output, kill=kill)
+        finally:
+            del self._running[exec_id]
         text = pumped.get("status").strip()
         reply = AgentReply(_status(text))
         return reply, pumped
+
+    def interrupt(self, thread: int | None = None) -> None:
+        """Kill the commands running now (those `thread` waits for, when given)."""
+        for exec_id, waiter in list(self._running.items()):
+            if thread is None or waiter == thread:
+                try:
+                    self.signal(exec_id, 9)
+                except SandboxLost:
+                    return
 
     def signal(self, exec_id: int, sig: int) -> None:
         self._send({"op": "signal", "target": exec_id, "signal": sig}, ())

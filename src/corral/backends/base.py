@@ -273,6 +273,10 @@ class LiveSandbox:
         `PolicyDenied`; a missing one, a directory or one over `max_bytes` raises `SandboxFileError`."""
         raise NotImplementedError
 
+    def interrupt(self, thread: int | None = None) -> None:
+        """Kill the commands running now, or only those whose exec `thread` (an ident) waits for;
+        their execs return as killed. A backend that cannot leaves them to their end or timeout."""
+
     def stop(self) -> None:
         """Kill everything inside and release every host resource. Idempotent."""
         raise NotImplementedError

@@ -85,6 +85,9 @@ class AgentSandbox(LiveSandbox):
         return classify(argv, returncode, pumped, limits=limits, timeout=timeout, wall_time=wall,
                         cgroup=self.cgroup, maxrss=reply.maxrss, cgroup_peak=False, rlimits=self.rlimits)  # fmt: skip
 
+    def interrupt(self, thread: int | None = None) -> None:
+        self.client.interrupt(thread)
+
     def put_file(self, path: str, data: bytes, *, mode: int = 0o644) -> None:
         reply = self.client.put_file(self._absolute(path), data, mode)
         if reply.lost:

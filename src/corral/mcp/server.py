@@ -198,8 +198,19 @@ class CorralMCP:
                 self._asking.context = None
                 self._asking.answer = None
 
+        worker: list[int] = []
+
+        def work_in(ident: list[int]) -> tuple[str, dict[str, object]]:
+            ident.append(threading.get_ident())
+            return work()
+
         try:
-            text, structured = await anyio.to_thread.run_sync(work)
+            text, structured = await anyio.to_thread.run_sync(work_in, worker, abandon_on_cancel=True)
+        except anyio.get_cancelled_exc_class():
+            # The client cancelled the call, or left: its command must not run on, holding the session.
+            if worker:
+                self.session.interrupt(worker[0])
+            raise
         except PolicyDenied as exc:
             return _error(f"denied by policy ({exc.rule}): {exc}")
         except CorralError as exc:

@@ -318,6 +318,11 @@ class Session:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def interrupt(self, thread: int | None = None) -> None:
+        """Kill the commands running in the session's sandbox now (or those `thread` waits for)."""
+        if self._sandbox is not None:
+            self._sandbox.interrupt(thread)
+
     @property
     def sandbox(self) -> Sandbox:
         if self._sandbox is None or self._closed:
