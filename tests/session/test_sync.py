@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 from corral.errors import ConfigError
 from corral.session import Session, SyncReport
 from corral.session.sync import link_problem, path_problem
+from tests.conftest import corral_cli
 from tests.session.conftest import tree_state
 
 
@@ -148,6 +150,141 @@ def test_path_and_link_rules() -> None:
     assert link_problem(b"a/l", b"../b") is None
     assert link_problem(b"a/l", b"../../b") is not None
     assert link_problem(b"l", b"/etc/passwd") is not None
+    for fine in (b".", b"./x/", b"x/y", b"../../b", b"..", b"../x/./y"):  # the link sits two levels down
+        assert link_problem(b"p/q/l", fine) is None, fine
+    for bad in (b"dot/..", b"x/../y", b"x/./../y", b".git/config", b"../.GIT", b"", b"a\0b", b"..", b"../"):
+        assert link_problem(b"l" if bad != b"../.GIT" else b"a/l", bad) is not None, bad
+
+
+def resolves_inside(project: Path) -> None:
+    """Every link in the project leads inside it (or nowhere)."""
+    for path in project.rglob("*"):
+        if path.is_symlink() and ".git" not in path.parts:
+            real = Path(os.path.realpath(path))
+            assert real == project or project in real.parents, f"{path} -> {real}"
+
+
+def test_a_link_through_a_link_to_the_project_cannot_climb_out(session: Session, project: Path,
+                                                               tmp_path: Path) -> None:  # fmt: skip
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "file.txt").write_text("orig\n")
+    # "dot/.." is "." on paper, but the kernel follows dot (the project) first, then climbs out of it.
+    session.bash("ln -s . dot && ln -s dot/.. esc && ln -s esc/victim/file.txt vlink && ln -s dot/calc.c via-dot")
+    report = session.sync()
+    got = {i.path: (i.status, i.reason) for i in report.items}
+    assert got["dot"][0] == "written"  # a link to its own directory is inside
+    assert got["esc"][0] == "skipped" and "climbs (..) after a name" in got["esc"][1]
+    assert got["vlink"][0] == "skipped" and "through another link (esc)" in got["vlink"][1]
+    assert got["via-dot"][0] == "skipped" and "through another link (dot)" in got["via-dot"][1]
+    assert not os.path.lexists(project / "esc") and not os.path.lexists(project / "vlink")
+    resolves_inside(project)
+    assert (victim / "file.txt").read_text() == "orig\n"
+
+
+def test_dotdot_after_a_link_to_a_shallower_directory(session: Session, project: Path, tmp_path: Path) -> None:
+    # a/b/top is the project's root; a/b/top/.. is its parent, though on paper it is a/b.
+    (tmp_path / "outside").mkdir()
+    session.bash("mkdir -p a/b && echo x > a/b/f && ln -s ../.. a/b/top && ln -s a/b/top/.. x"
+                 " && ln -s x/outside/secret y && ln -s ../f a/b/sib")  # fmt: skip
+    report = session.sync()
+    got = {i.path: (i.status, i.reason) for i in report.items}
+    assert got["a/b/top"][0] == "written" and got["a/b/f"][0] == "written"
+    assert got["a/b/sib"][0] == "written"  # climbing first, within the link's own depth, is fine (dangling here)
+    assert got["x"][0] == "skipped" and got["y"][0] == "skipped"
+    assert "climbs (..) after a name" in got["x"][1] and "through another link (x)" in got["y"][1]
+    resolves_inside(project)
+
+
+def test_chains_of_links_are_judged_link_by_link(session: Session, project: Path) -> None:
+    session.bash(
+        "ln -s . dot && ln -s dot/.. c && ln -s c b && ln -s b a"  # a -> b -> c, and c climbs out
+        " && echo lib > libx.so.1.2 && ln -s libx.so.1.2 libx.so.1 && ln -s libx.so.1 libx.so"  # a fine chain
+        " && ln -s loop2 loop1 && ln -s loop1 loop2 && ln -s scripts/run.sh run && ln -s scripts dir-link"
+    )
+    report = session.sync()
+    got = {i.path: (i.status, i.reason) for i in report.items}
+    assert got["c"][0] == "skipped"
+    assert got["b"][0] == "skipped" and "points to the link c, which is refused" in got["b"][1]
+    assert got["a"][0] == "skipped" and "points to the link b" in got["a"][1]
+    assert {got[k][0] for k in ("libx.so", "libx.so.1", "libx.so.1.2", "run", "dir-link", "dot")} == {"written"}
+    assert (project / "libx.so").read_text() == "lib\n"
+    assert got["loop1"][0] == "skipped" and "loop" in got["loop1"][1]
+    resolves_inside(project)
+
+
+def test_links_to_the_users_links_out_of_the_project(project: Path, data_dir: Path, tmp_path: Path,
+                                                      namespace_ok: None) -> None:  # fmt: skip
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "lib.c").write_text("original\n")
+    os.symlink(elsewhere, project / "vendor")  # the user's link out, recorded at copy-in
+    os.symlink(elsewhere, project / "build")  # another, ignored (.gitignore has build/): never recorded
+    with Session(str(project), name="userlinks", backend="namespace") as s:
+        s.bash("ln -s vendor l1 && ln -s vendor/lib.c l2 && ln -s build/lib.c l3 && ln -s build l4"
+               " && mkdir sub && ln -s ../vendor sub/l5")  # fmt: skip
+        report = s.sync()
+    got = {i.path: (i.status, i.reason) for i in report.items}
+    assert got["l1"][0] == "skipped" and "points to the link vendor, which is refused" in got["l1"][1]
+    assert got["l2"][0] == "skipped" and "through another link (vendor)" in got["l2"][1]
+    assert got["l3"][0] == "skipped" and "through another link (build)" in got["l3"][1]
+    assert got["l4"][0] == "skipped" and "points to the link build" in got["l4"][1]
+    assert got["sub/l5"][0] == "skipped"
+    for name in ("l1", "l2", "l3", "l4", "sub/l5"):
+        assert not os.path.lexists(project / name)
+    assert (elsewhere / "lib.c").read_text() == "original\n"
+
+
+def test_a_link_may_not_change_where_a_users_link_leads(project: Path, data_dir: Path, tmp_path: Path,
+                                                         namespace_ok: None) -> None:  # fmt: skip
+    (project / "d").mkdir()
+    (project / "d" / "keep").write_text("k\n")
+    os.symlink("d/../README.md", project / "u")  # the user's link: climbs after a name, fine while d is a directory
+    (tmp_path / "README.md").write_text("outside\n")
+    with Session(str(project), name="cross", backend="namespace") as s:
+        s.bash("rm -r d && ln -s . d")  # d -> . is inside, but u would become ./../README.md: out
+        report = s.sync(delete=True)
+    got = {i.path: (i.status, i.reason) for i in report.items}
+    assert got["d"][0] == "skipped" and "the link u passes through this path" in got["d"][1]
+    assert os.path.realpath(project / "u") == str(project / "README.md")
+
+
+def test_sync_paths_on_the_command_line(project: Path, data_dir: Path, tmp_path: Path, namespace_ok: None) -> None:
+    with Session(str(project), name="cli-sync", excludes=[".env"], backend="namespace") as s:
+        s.bash("echo '#!/bin/sh' > scripts/run.sh && echo new > README.md")
+
+    def sync(*args: str, cwd: Path, code: int = 0) -> dict[str, object]:
+        r = corral_cli("session", "sync", "cli-sync", *args, "--json", cwd=cwd)
+        assert r.returncode == code, r.stderr.decode()
+        return json.loads(r.stdout) if code == 0 else {"stderr": r.stderr.decode()}
+
+    def paths(report: dict[str, object]) -> list[object]:
+        return [i["path"] for i in report["items"]]  # type: ignore[attr-defined, index]
+
+    scripts = project / "scripts"
+    # Relative paths are taken from the current directory inside the project ...
+    assert paths(sync("--dry-run", ".", cwd=scripts)) == ["scripts/run.sh"]
+    assert paths(sync("--dry-run", "run.sh", cwd=scripts)) == ["scripts/run.sh"]
+    assert paths(sync("--dry-run", "../README.md", cwd=scripts)) == ["README.md"]
+    assert paths(sync("--dry-run", str(project / "README.md"), cwd=tmp_path)) == ["README.md"]
+    # ... and from the project's root outside it.
+    assert paths(sync("--dry-run", "scripts", cwd=tmp_path)) == ["scripts/run.sh"]
+    # A path that names nothing is an error; one naming an unchanged file just has nothing to sync.
+    bad = sync("--dry-run", "run.sh", "nope.sh", cwd=scripts, code=2)
+    assert "corral: session sync: nope.sh matches no change" in str(bad["stderr"])
+    assert paths(sync("--dry-run", "calc.c", cwd=project)) == []
+    assert "not in the project" in str(sync("--dry-run", "../..", cwd=scripts, code=2)["stderr"])
+    assert "empty PATH" in str(sync("--dry-run", "", cwd=project, code=2)["stderr"])
+    assert "matches no change" in str(sync("--yes", "nope.sh", cwd=scripts, code=2)["stderr"])
+    assert (project / "scripts" / "run.sh").read_text() == "#!/bin/sh\n./app\n"  # nothing written on an error
+
+    done = sync("--yes", "run.sh", cwd=scripts)
+    assert done["dry_run"] is False and paths(done) == ["scripts/run.sh"]
+    # Nothing left there: a real sync says so honestly (not a dry run).
+    again = sync("--yes", "run.sh", cwd=scripts)
+    assert again["dry_run"] is False and again["items"] == []
+    r = corral_cli("session", "sync", "cli-sync", "--yes", "run.sh", cwd=scripts)
+    assert r.returncode == 0 and b"nothing synced" in r.stdout and b"would sync" not in r.stdout
 
 
 def test_sync_then_more_work_then_sync(session: Session, project: Path) -> None:
@@ -160,3 +297,14 @@ def test_sync_then_more_work_then_sync(session: Session, project: Path) -> None:
     report = session.sync(delete=True)
     assert statuses(report) == {"a.txt": "deleted"}
     no_temporaries(project)
+
+
+def test_judging_links_is_bounded(session: Session, project: Path) -> None:
+    # Each link exists twice (the host's version and the session's): the search must not double at each.
+    session.bash("echo end > l30 && for i in $(seq 0 29); do ln -s l$((i + 1)) l$i; done")
+    assert set(statuses(session.sync()).values()) == {"written"}
+    session.bash("for i in $(seq 0 29); do ln -sfn ./l$((i + 1)) l$i; done")
+    report = session.sync()
+    got = {i.path: (i.status, i.reason) for i in report.items}
+    assert got["l29"][0] == "written" and got["l0"][0] == "skipped" and "links to follow" in got["l0"][1]
+    resolves_inside(project)

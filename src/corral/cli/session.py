@@ -362,10 +362,12 @@ def _rollback(args: list[str]) -> int:
 
 
 def _sync(args: list[str]) -> int:
-    from corral.session import Session
+    from corral.session import Session, SyncReport
 
     parser = argparse.ArgumentParser(prog="corral session sync", description="Write a session's changes back to "
-                                     "its project, after showing them.")  # fmt: skip
+                                     "its project, after showing them. A relative PATH is taken from the current "
+                                     "directory when that is inside the project, else from the project's "
+                                     "root.")  # fmt: skip
     parser.add_argument("name")
     parser.add_argument("paths", nargs="*", help="only these files or directories (default: every change)")
     parser.add_argument("--yes", "-y", action="store_true", help="do not ask")
@@ -373,19 +375,23 @@ def _sync(args: list[str]) -> int:
     parser.add_argument("--dry-run", action="store_true", help="only show what would be done")
     parser.add_argument("--json", action="store_true")
     opts = parser.parse_intermixed_args(args)
-    paths = opts.paths or None
+    if any(not p for p in opts.paths):
+        raise ConfigError("an empty PATH names nothing (to sync everything, give no PATH, or .)",
+                          where="corral session sync")  # fmt: skip
     with Session.open(opts.name) as session:
+        paths = _sync_paths(opts.paths, session.project) if opts.paths else None
         plan = session.sync(paths, delete=opts.delete, dry_run=True)
+        _check_sync_paths(session, opts.paths, paths or [], plan)
         pending = plan.with_status("pending")
-        if opts.dry_run or not pending:
+        if opts.dry_run or (not pending and not opts.yes):
+            # Nothing written: a dry run, or nothing to write (so nothing to ask about).
+            report = plan if opts.dry_run else SyncReport(items=plan.items, dry_run=False, step=plan.step)
             if opts.json:
-                _print_json(plan.as_json())
+                _print_json(report.as_json())
             else:
-                _show_sync(plan, session.project)
-                if not pending:
-                    print("nothing to write")
+                _show_sync(report, session.project)
             return 0 if not plan.conflicts else 1
-        if not opts.yes:
+        if pending and not opts.yes:
             if opts.json or not sys.stdin.isatty():
                 raise ConfigError("sync writes to the project: pass --yes to confirm (or --dry-run to look)",
                                   where="corral session sync")  # fmt: skip
@@ -402,6 +408,58 @@ def _sync(args: list[str]) -> int:
     return 1 if report.with_status("conflict", "failed") else 0
 
 
+def _sync_paths(paths: list[str], project: str) -> list[str]:
+    """The PATHS given to `corral session sync`, as `Session.sync` takes them (relative to the project's
+    root, or absolute in the sandbox's view): a relative PATH is taken from the current directory when
+    that is inside the project, else from the project's root; an absolute one inside the project is
+    made relative to it (others are left for `Session.sync`, which reads them in the sandbox's view)."""
+    root = os.path.realpath(project)
+
+    def within(path: str) -> bool:
+        return path == root or path.startswith(root.rstrip("/") + "/")
+
+    try:
+        cwd: str | None = os.getcwd()
+    except FileNotFoundError:
+        cwd = None
+    out = []
+    for path in paths:
+        if os.path.isabs(path):
+            full = os.path.normpath(path)
+            if not within(full):
+                out.append(path)
+                continue
+        elif cwd is not None and within(cwd):
+            full = os.path.normpath(os.path.join(cwd, path))
+            if not within(full):
+                raise ConfigError(f"{path} is not in the project", where="sync paths")
+        else:
+            out.append(path)
+            continue
+        out.append(os.path.relpath(full, root))
+    return out
+
+
+def _check_sync_paths(session: object, given: list[str], paths: list[str], plan: object) -> None:
+    """A PATH that matches no change is an error when it names nothing the session or the project has
+    (a typo, say); one that names an unchanged file or directory just has nothing to sync."""
+    from corral.session import Session, SyncReport
+    from corral.session.session import _sync_path
+
+    assert isinstance(session, Session) and isinstance(plan, SyncReport)
+    changed = [os.fsencode(i.path) for i in plan.items]
+    recorded: list[bytes] | None = None
+    for shown, path in zip(given, paths, strict=True):
+        rel = _sync_path(path, session.mount)
+        if not rel or any(c == rel or c.startswith(rel + b"/") for c in changed):
+            continue
+        if recorded is None:
+            recorded = list(session.tree.flat())
+        known = any(r == rel or r.startswith(rel + b"/") for r in recorded)
+        if not known and not os.path.lexists(os.path.join(os.fsencode(session.project), rel)):
+            raise ConfigError(f"{shown} matches no change", where="corral session sync")
+
+
 def _show_sync(report: object, project: str) -> None:
     from rich.table import Table
     from rich.text import Text
@@ -409,8 +467,14 @@ def _show_sync(report: object, project: str) -> None:
     from corral.session import SyncReport
 
     assert isinstance(report, SyncReport)
-    verb = "would sync" if report.dry_run else "synced"
-    table = Table(title=f"{verb} step {report.step} to {project}", title_justify="left")
+    if report.with_status("pending", "written", "deleted"):
+        title = f"{'would sync' if report.dry_run else 'synced'} step {report.step} to {project}"
+    else:
+        title = f"nothing {'to sync' if report.dry_run else 'synced'} from step {report.step} to {project}"
+    if not report.items:
+        print(title)
+        return
+    table = Table(title=title, title_justify="left")
     table.add_column("file")
     table.add_column("action")
     table.add_column("status")

@@ -15,7 +15,22 @@ For each path that differs:
   is fsync'ed), so a reader or a crash sees the old file or the new one, never half of one; a
   journal names every temporary file first, so one left by a killed process is removed when the
   session next opens;
-- deletions happen only when asked; a link is written only if it points inside the project.
+- deletions happen only when asked; a link is written only if it points inside the project, by the
+  rule below.
+
+Links. A link's target is judged first by the rule in `link_problem`, which looks at the target and
+the link's place only: relative, climbing (`..`) only at its start and no higher than the link's
+own directory, then going down by names (never into .git). Sync reaches the link's directory
+through real directories only, and `..` of a real directory is its real parent, so the climb stays
+in the project; names only go down. A name may itself be a link: if that link obeys the same rule,
+the same holds from where it is, so links that obey the rule can only lead inside, in any chain,
+whatever sync writes later. What the rule cannot vouch for are links sync did not write (the
+user's, on the host). So also: a target may not go *through* a link (a name before the last that is
+a link on the host or in the session); a target that *is* a link has that link judged in turn (the
+host's version and the session's, at most 40 links, a loop refused); and no link is written at a
+path that a recorded link breaking the rule passes on its way (its `..` would then climb from
+elsewhere). Links on the host that the session never recorded (ignored or excluded files) are
+looked at on the way of a target, but not searched for that last case.
 """
 
 from __future__ import annotations
@@ -23,7 +38,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import posixpath
 import stat
 import struct
 from collections.abc import Sequence
@@ -211,13 +225,149 @@ def path_problem(path: bytes) -> str | None:
     return None
 
 
+MAX_LINKS = 40  # links followed in a chain when judging a link (the kernel's own bound)
+
+
+def _target_parts(target: bytes) -> tuple[int, list[bytes]]:
+    """How many `..` a relative target starts with, and the components after them ("." and "" dropped)."""
+    parts = [p for p in target.split(b"/") if p and p != b"."]
+    up = 0
+    while up < len(parts) and parts[up] == b"..":
+        up += 1
+    return up, parts[up:]
+
+
 def link_problem(path: bytes, target: bytes) -> str | None:
-    if not target or target.startswith(b"/") or b"\0" in target:
-        return f"the link points outside the project ({os.fsdecode(target)})"
-    joined = posixpath.normpath(posixpath.join(posixpath.dirname(path), target))
-    if joined == b".." or joined.startswith(b"../"):
-        return f"the link points outside the project ({os.fsdecode(target)})"
+    """Why a link at `path` (a plain relative path) to `target` may never be written, judging the target
+    and the link's place alone; None if they obey the rule (see the module's docstring)."""
+    shown = os.fsdecode(target)
+    if not target or b"\0" in target:
+        return "the link's target is empty or holds a NUL byte"
+    if target.startswith(b"/"):
+        return f"the link points outside the project ({shown}): absolute targets are refused"
+    up, names = _target_parts(target)
+    if b".." in names:
+        return (f"the link's target climbs (..) after a name ({shown}): where that leads depends on the links on "
+                "the way, so it is refused")  # fmt: skip
+    if up > path.count(b"/"):
+        return f"the link points outside the project ({shown})"
+    if any(is_git_name(p) for p in names):
+        return f"the link points into .git ({shown})"
     return None
+
+
+class _Links:
+    """Judges a link against the project as the sync may leave it: at every path its target passes,
+    both what the host has and what the session has (either may be there after the sync)."""
+
+    def __init__(self, root: Root, store: GitStore, want: dict[bytes, Entry], have: dict[bytes, Entry],
+                 project: str) -> None:  # fmt: skip
+        self.root = root
+        self.store = store
+        self.want = want
+        self.have = have
+        self.project = os.fsencode(project).rstrip(b"/") + b"/"
+        self._crossed: dict[bytes, bytes] | None = None
+        self._steps = 0
+
+    def problem(self, path: bytes, target: bytes) -> str | None:
+        """Why the link `path` -> `target` may not be written, or None."""
+        self._steps = 0
+        problem = self._check(path, target, ())
+        if problem is not None:
+            return problem
+        crosser = self.crossed().get(path)
+        if crosser is not None:
+            return (f"the link {os.fsdecode(crosser)} passes through this path and then climbs (..): a link here "
+                    "would change where it leads")  # fmt: skip
+        return None
+
+    def _check(self, path: bytes, target: bytes, chain: tuple[tuple[bytes, bytes], ...]) -> str | None:
+        problem = link_problem(path, target)
+        if problem is not None:
+            return problem
+        if (path, target) in chain:
+            return "the links form a loop"
+        self._steps += 1  # a path may hold two links (the host's, the session's): bound the whole search
+        if len(chain) >= MAX_LINKS or self._steps > 4 * MAX_LINKS:
+            return f"more than {MAX_LINKS} links to follow"
+        up, names = _target_parts(target)
+        base = path.split(b"/")[:-1]
+        base = base[: len(base) - up]
+        if not names:
+            return None  # a directory above the link: sync reaches it through real directories only
+        for i in range(1, len(names)):
+            through = b"/".join(base + names[:i])
+            targets, unknown = self._targets(through)
+            if targets:
+                return f"the link's target goes through another link ({os.fsdecode(through)})"
+            if unknown:
+                return f"the link's target goes through {os.fsdecode(through)}, which cannot be checked on the host"
+        final = b"/".join(base + names)
+        targets, unknown = self._targets(final)
+        if unknown:
+            return f"the link points to {os.fsdecode(final)}, which cannot be checked on the host"
+        for found in targets:
+            sub = self._check(final, found, (*chain, (path, target)))
+            if sub is not None:
+                return f"it points to the link {os.fsdecode(final)}, which is refused: {sub}"
+        return None
+
+    def _targets(self, path: bytes) -> tuple[list[bytes], bool]:
+        """The targets of the links at `path` (the session's and the host's, when links), and whether the
+        host's entry could not be looked at (a file or link above it, or no permission)."""
+        out: list[bytes] = []
+        entry = self.want.get(path)
+        if entry is not None and entry[0] == LINK:
+            out.append(self.store.read_blob(entry[1]))
+        parts = path.split(b"/")
+        try:
+            fd = self.root.open_dir(parts[:-1])
+        except FileNotFoundError:
+            return out, False
+        except (OSError, Unsafe):
+            return out, True
+        try:
+            st = os.stat(parts[-1], dir_fd=fd, follow_symlinks=False)
+            if stat.S_ISLNK(st.st_mode):
+                out.append(os.readlink(parts[-1], dir_fd=fd))
+        except FileNotFoundError:
+            pass
+        except OSError:
+            return out, True
+        finally:
+            os.close(fd)
+        return out, False
+
+    def crossed(self) -> dict[bytes, bytes]:
+        """Paths that a recorded link breaking the rule (one the host holds) passes through before its last
+        component, each with one such link."""
+        if self._crossed is None:
+            self._crossed = {}
+            for path, (mode, sha) in sorted(self.have.items()):
+                if mode != LINK:
+                    continue
+                target = self.store.read_blob(sha)
+                if link_problem(path, target) is None:
+                    continue
+                if target.startswith(self.project):
+                    stack: list[bytes] = []
+                    target = target[len(self.project) :]
+                elif target.startswith(b"/"):
+                    continue  # elsewhere from the start
+                else:
+                    stack = path.split(b"/")[:-1]
+                for part in target.split(b"/")[:-1]:
+                    if part in (b"", b"."):
+                        continue
+                    if part != b"..":
+                        stack.append(part)
+                        self._crossed.setdefault(b"/".join(stack), path)
+                    elif not stack:
+                        break  # out of the project
+                    else:
+                        stack.pop()
+        return self._crossed
 
 
 class _HostState:
@@ -325,7 +475,8 @@ def sync_tree(
     if paths is not None:
         prefixes = [p.rstrip(b"/") for p in paths]
         differing = [p for p in differing if any(not q or p == q or p.startswith(q + b"/") for q in prefixes)]
-    syncer = _Syncer(project, store, baseline, manifest, journal, delete=delete, dry_run=dry_run)
+    syncer = _Syncer(project, store, baseline, manifest, journal, delete=delete, dry_run=dry_run,
+                     links=(want, have))  # fmt: skip
     items: dict[bytes, SyncItem] = {}
     try:
         # Deletions first (deepest first), so a directory the agent turned into a file (or the
@@ -353,8 +504,10 @@ class _Prepared:
 
 class _Syncer:
     def __init__(self, project: str, store: GitStore, baseline: Tree, manifest: dict[bytes, HostStat],
-                 journal: Journal, *, delete: bool, dry_run: bool) -> None:  # fmt: skip
+                 journal: Journal, *, delete: bool, dry_run: bool,
+                 links: tuple[dict[bytes, Entry], dict[bytes, Entry]]) -> None:  # fmt: skip
         self.root = Root(project)
+        self.links = _Links(self.root, store, *links, project)
         self.store = store
         self.baseline = baseline
         self.manifest = manifest
@@ -386,13 +539,13 @@ class _Syncer:
         content = b""
         if new is not None:
             content = self.store.read_blob(new[1])
-            if new[0] == LINK:
-                problem = link_problem(path, content)
-                if problem is not None:
-                    return item("skipped", problem)
         host = _HostState(self.root, path)
         if host.kind == "unsafe":
             return item("skipped", host.reason)
+        if new is not None and new[0] == LINK:
+            problem = self.links.problem(path, content)
+            if problem is not None:
+                return item("skipped", problem)
         if not _host_matches(self.root, self.store, path, host, old, self.manifest.get(path)):
             if _host_matches(self.root, self.store, path, host, new, None):
                 _settle(self.baseline, self.manifest, path, new, host.st)
