@@ -308,3 +308,16 @@ def test_judging_links_is_bounded(session: Session, project: Path) -> None:
     got = {i.path: (i.status, i.reason) for i in report.items}
     assert got["l29"][0] == "written" and got["l0"][0] == "skipped" and "links to follow" in got["l0"][1]
     resolves_inside(project)
+
+
+def test_python_sync_and_rollback_arguments_are_checked(session: Session, project: Path) -> None:
+    from corral.errors import ConfigError
+
+    session.write_file("new.txt", "x")
+    with pytest.raises(TypeError, match="not one path"):
+        session.sync("new.txt")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="an empty path names nothing"):
+        session.sync([""])
+    with pytest.raises(TypeError, match="step must be an int"):
+        session.rollback("1")  # type: ignore[arg-type]
+    assert not (project / "new.txt").exists()

@@ -609,6 +609,8 @@ class Session:
     def rollback(self, step: int) -> int:
         """Return the workspace to what it was at `step`. The rollback is itself a new step (so it
         can be undone too); returns its number. Files .gitignore ignores are left alone."""
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise TypeError(f"step must be an int, not {type(step).__name__}")
         with self._mutex:
             self._check_open()
             started = time.monotonic()
@@ -703,6 +705,8 @@ class Session:
                 raise SessionError(f"the project {self.project} is gone: there is nothing to sync to")
             started = time.monotonic()
             self._pending()
+            if isinstance(paths, str | bytes):  # one path would be taken a character at a time
+                raise TypeError("paths must be a list of paths, not one path (sync([path]))")
             wanted = None if paths is None else [_sync_path(p, self.mount) for p in paths]
             host_commit = self.store.read_ref(HOST_REF)
             if host_commit is None:
@@ -782,6 +786,8 @@ def _redact_command(command: str) -> str:
 
 def _sync_path(path: str | bytes, mount: str) -> bytes:
     raw = os.fsencode(path)
+    if not raw:  # an unset variable, more likely than "everything" (that is "." or no paths at all)
+        raise ConfigError("an empty path names nothing (use '.' for the whole project)", where="sync paths")
     import posixpath
 
     mount_b = os.fsencode(mount).rstrip(b"/")
