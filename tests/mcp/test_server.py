@@ -326,3 +326,19 @@ def test_a_client_that_goes_away_mid_call_ends_the_server(project: Path, data_di
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_flags_that_would_change_a_resumed_session_are_refused(
+    project: Path, data_dir: dict[str, str], tmp_path: Path
+) -> None:
+    r = corral_cli("session", "start", "--name", "m1", "--project", str(project), env=data_dir)
+    assert r.returncode == 0, r.stderr
+    other = tmp_path / "other"
+    other.mkdir()
+    for flags, named in ((["--deny-command", "echo"], "policy flags"), (["--project", str(other)], "--project"),
+                         (["--exclude", "*.log"], "--exclude")):  # fmt: skip
+        r = corral_cli("mcp", "--session", "m1", *flags, cwd=project, env=data_dir, input=b"")
+        assert r.returncode == 2, r.stderr
+        assert f"session 'm1' exists, for {project} with the policy it was started with; {named}".encode() in r.stderr
+    r = corral_cli("mcp", "--session", "m1", "--project", str(project), cwd=project, env=data_dir, input=b"")
+    assert r.returncode == 0, r.stderr  # the same project, no policy flags: resumed (and ended at once: no client)

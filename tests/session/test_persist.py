@@ -112,6 +112,36 @@ def test_unnamed_sessions_are_removed_on_close(project: Path, data_dir: Path, na
     assert not os.path.exists(path)
 
 
+def test_an_unnamed_session_left_by_a_killed_process_is_removed_later(
+    project: Path, data_dir: Path, namespace_ok: None
+) -> None:
+    import json
+
+    with Session(str(project), name="kept", backend="namespace"):
+        pass
+    proc = child(f"""
+        import time
+        from corral.session import Session
+        s = Session({str(project)!r}, backend="namespace")
+        print(s.path, flush=True)
+        time.sleep(60)
+    """)
+    try:
+        assert proc.stdout is not None
+        orphan = Path(proc.stdout.readline().decode().strip())
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    assert orphan.is_dir()
+    with Session(str(project), backend="namespace"):  # made less than a minute ago: it may be one being made
+        assert orphan.is_dir()
+    state = json.loads((orphan / "state.json").read_text())
+    (orphan / "state.json").write_text(json.dumps({**state, "created": "2026-01-01T00:00:00Z"}))
+    with Session(str(project), backend="namespace") as s:
+        assert not orphan.exists() and [i.name for i in list_sessions()] == sorted(["kept", s.name])
+
+
 def test_zones_that_would_defeat_the_session_are_refused(project: Path, data_dir: Path, tmp_path: Path,
                                                          namespace_ok: None) -> None:  # fmt: skip
     base = corral.Policy.workspace(str(project))

@@ -68,7 +68,16 @@ def mcp_command(args: list[str]) -> int:
         return holder[0].approve(request) if holder else False
 
     name = values.get("--session")
-    if name and str(name) in {s.name for s in Session.list()}:
+    existing = {s.name: s for s in Session.list()}.get(str(name)) if name else None
+    if existing is not None:
+        # A resumed session keeps its project and the policy it was started with: flags that would
+        # change them (a tighter policy in the client's config, say) must not be dropped in silence.
+        moved = values.get("--project") and project != existing.project
+        if run_args or values.get("--exclude") or moved:
+            given = "--project" if moved else ("--exclude" if values.get("--exclude") else "policy flags")
+            raise ConfigError(f"session {name!r} exists, for {existing.project} with the policy it was started "
+                              f"with; {given} cannot change it: drop them, or name a new session (corral session "
+                              f"rm {name} removes this one)", where="corral mcp")  # fmt: skip
         session = Session.open(str(name), approver=approver)
     else:
         session = Session(

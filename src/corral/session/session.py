@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from corral.audit import AuditLog, redact_text
 from corral.backends.base import Result
-from corral.errors import ConfigError, SessionError, SessionNameError, ToolError
+from corral.errors import ConfigError, CorralError, SessionError, SessionNameError, ToolError
 from corral.policy.model import Policy
 from corral.sandbox import Sandbox, new_id
 from corral.session import bytecode, tools
@@ -87,6 +87,11 @@ class Session:
         if not os.path.isdir(project):
             raise ConfigError(f"{project} is not a directory", where="project")
         final = st.session_path(name, data_dir)
+        if ephemeral:  # those a killed process could not delete: nothing else ever would
+            try:
+                st.reap_orphaned_temporaries(data_dir)
+            except (OSError, CorralError) as exc:
+                log.warning("cannot remove orphaned temporary sessions: %s", exc)
         if os.path.exists(final):
             raise SessionNameError(f"a session named {name!r} exists already: open it, or remove it first")
         from corral.backends import registry

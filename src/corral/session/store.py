@@ -18,6 +18,7 @@ import fcntl
 import json
 import os
 import re
+import time
 
 from corral._record import Record
 from corral.errors import ConfigError, SessionError, SessionNameError
@@ -216,6 +217,28 @@ def list_sessions(data_dir: str | None = None) -> list[SessionInfo]:
             )
         )
     return out
+
+
+def reap_orphaned_temporaries(data_dir: str | None = None, *, older_than: float = 60.0) -> list[str]:
+    """Remove the sessions without a name (deleted on close) whose process died before it could
+    close them: those no process holds, made more than `older_than` seconds ago (one being made
+    now is not held yet). Returns their names."""
+    import calendar
+
+    reaped = []
+    for info in list_sessions(data_dir):
+        try:
+            ephemeral = bool(read_state(info.path).get("ephemeral"))
+            made = calendar.timegm(time.strptime(info.created, "%Y-%m-%dT%H:%M:%SZ"))
+        except (SessionError, OSError, ValueError):
+            continue
+        if ephemeral and not info.in_use and time.time() - made > older_than:
+            try:
+                remove_session(info.name, data_dir)
+            except SessionError:  # taken meanwhile
+                continue
+            reaped.append(info.name)
+    return reaped
 
 
 def remove_session(name: str, data_dir: str | None = None) -> None:
