@@ -443,3 +443,11 @@ def test_a_sandbox_started_by_a_thread_outlives_the_thread(policy: corral.Policy
         assert sb.exec(["echo", "alive"]).stdout == b"alive\n"
     finally:
         sb.stop()
+
+
+@needs_memory_cgroup
+def test_filling_a_tmpfs_under_a_memory_limit_fails_the_write_not_the_sandbox(policy: corral.Policy) -> None:
+    with corral.Sandbox(policy.with_limits(memory="64M")) as sb:
+        r = sb.exec(["sh", "-c", "head -c 100M /dev/zero > /tmp/fill"])
+        assert r.returncode != 0 and b"No space left on device" in r.stderr, r
+        assert sb.exec(["sh", "-c", "rm /tmp/fill; echo alive"]).stdout == b"alive\n"

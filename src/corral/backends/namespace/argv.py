@@ -98,10 +98,12 @@ def bwrap_argv(
             args += ["--ro-bind", extras.python_prefix, PYTHON_DIR]
         if extras.proxy_socket is not None:
             args += ["--ro-bind", extras.proxy_socket, PROXY_SOCKET]
+    cap = tmpfs_cap(rp)
     for zone in rp.zones:
         if zone.mode == "tmpfs":
-            if zone.size is not None and tmpfs_size:
-                args += ["--size", str(zone.size)]
+            size = zone.size if cap is None else min(zone.size or cap, cap)
+            if size is not None and tmpfs_size:
+                args += ["--size", str(size)]
             mode = "1777" if zone.mount in ("/tmp", "/var/tmp") else "0755"
             args += ["--perms", mode, "--tmpfs", zone.mount]
         else:
@@ -118,3 +120,14 @@ def bwrap_argv(
         *command,
     ]  # fmt: skip
     return tuple(args)
+
+
+def tmpfs_cap(rp: ResolvedPolicy) -> int | None:
+    """The most each tmpfs zone may hold under a memory limit: together, half of it. A tmpfs's pages
+    count toward the limit and nothing frees them when it is reached, so a full one would leave the
+    OOM killer only the sandbox's own processes (a live sandbox's agent among them) to kill; capped,
+    a command that fills it gets ENOSPC instead."""
+    tmpfs = sum(1 for zone in rp.zones if zone.mode == "tmpfs")
+    if rp.limits.memory is None or not tmpfs:
+        return None
+    return max(rp.limits.memory // (2 * tmpfs), 1 << 20)
