@@ -398,6 +398,12 @@ def test_bad_file_arguments_are_refused_and_the_sandbox_lives_on(policy: corral.
         sb.put_file("/tmp/ro", b"v2", mode=0o444)
         assert sb.exec(["stat", "-c", "%a", "/tmp/run.sh", "/tmp/ro"]).stdout == b"755\n444\n"
         assert sb.get_file("/tmp/ro") == b"v2"
+        # A FIFO a command planted blocks neither (the agent serves one request at a time).
+        assert sb.exec(["mkfifo", "/tmp/fifo"]).ok
+        with pytest.raises(corral.SandboxFileError, match="not a regular file"):
+            sb.get_file("/tmp/fifo")
+        sb.put_file("/tmp/fifo", b"a file now")
+        assert sb.get_file("/tmp/fifo") == b"a file now"
 
 
 def test_exec_arguments_of_the_wrong_type_are_refused_by_name(policy: corral.Policy, workdir: Path) -> None:

@@ -203,12 +203,15 @@ class AgentClient:
     def _transfer(self, message: dict[str, object], data_fd: int) -> AgentReply:
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
         try:
+            size = os.fstat(data_fd).st_size or int(message.get("max_bytes", 0))  # type: ignore[call-overload]
             self._send(message, [status_w, data_fd])
         finally:
             os.close(status_w)
             os.close(data_fd)
         text = b""
-        deadline = time.monotonic() + 60
+        # An agent that does not answer in time is taken for lost: a minute, and more for a large
+        # file (at 4 MiB/s, far below any disk's speed).
+        deadline = time.monotonic() + 60 + size / (4 << 20)
         poller = select.poll()
         poller.register(status_r, select.POLLIN)
         try:

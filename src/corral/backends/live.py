@@ -91,6 +91,7 @@ class AgentSandbox(LiveSandbox):
     def put_file(self, path: str, data: bytes, *, mode: int = 0o644) -> None:
         reply = self.client.put_file(self._absolute(path), data, mode)
         if reply.lost:
+            self.stop()
             raise SandboxLost(f"sandbox {self.id} is gone")
         if reply.error is not None:
             raise file_error("write", path, reply.errno, reply.error)
@@ -98,6 +99,7 @@ class AgentSandbox(LiveSandbox):
     def get_file(self, path: str, *, max_bytes: int = 64 << 20) -> bytes:
         reply, data = self.client.get_file(self._absolute(path), max_bytes)
         if reply.lost:
+            self.stop()
             raise SandboxLost(f"sandbox {self.id} is gone")
         if reply.error is not None:
             raise file_error("read", path, reply.errno, reply.error)
