@@ -130,3 +130,15 @@ def test_a_sessions_directory_it_cannot_use_is_one_line(project: Path, data_dir:
             assert b"Permission denied" in r.stderr and b"Traceback" not in r.stderr, r.stderr
     finally:
         xdg.chmod(0o755)
+
+
+def test_session_timeouts_take_durations_as_corral_run_does(project: Path, data_dir: Path) -> None:
+    assert corral_cli("session", "start", "--name", "t", "--project", str(project)).returncode == 0
+    for args in (
+        ["exec", "t", "--timeout", "1s", "--", "sleep", "5"],
+        ["tool", "t", "bash", "sleep 5", "--timeout", "1s"],
+    ):
+        r = corral_cli("session", *args)
+        assert r.returncode == 124 and b"timed out after 1s" in r.stderr, r.stderr
+    r = corral_cli("session", "exec", "t", "--timeout", "1x", "--", "true")
+    assert r.returncode == 2 and b"corral: --timeout: expected a duration" in r.stderr, r.stderr

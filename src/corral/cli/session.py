@@ -139,7 +139,7 @@ def _exec(args: list[str]) -> int:
         head, command = args[:1], args[1:]
     parser = argparse.ArgumentParser(prog="corral session exec", description="Run a command in a session.")
     parser.add_argument("name")
-    parser.add_argument("--timeout", type=float, help="seconds before the command is killed")
+    parser.add_argument("--timeout", type=_duration, help="time before the command is killed (30s, 2m, 1h)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON (output captured)")
     opts = parser.parse_args(head)
     if not command:
@@ -174,13 +174,20 @@ def _exit_code(reason: str, code: int | None) -> int:
     return 128 - code if code < 0 else code
 
 
+def _duration(text: str) -> float:
+    """A --timeout as `corral run` takes it: 30s, 500ms, 2m, 1h, or seconds."""
+    from corral.units import parse_duration
+
+    return parse_duration(text, where="--timeout")
+
+
 def _tool_parser(tool: str) -> argparse.ArgumentParser:
     from corral.session.tools import SPECS
 
     spec = SPECS[tool]
     parser = argparse.ArgumentParser(prog=f"corral session tool NAME {tool}", description=spec.description)
     for param in spec.params:
-        kind = {"integer": int, "number": float}.get(param.kind, str)
+        kind = _duration if param.name == "timeout" else {"integer": int, "number": float}.get(param.kind, str)
         if param.required:
             help_text = param.description + (" ('-' reads standard input)" if param.name == "content" else "")
             if param.kind == "array":
