@@ -142,3 +142,18 @@ def test_session_timeouts_take_durations_as_corral_run_does(project: Path, data_
         assert r.returncode == 124 and b"timed out after 1s" in r.stderr, r.stderr
     r = corral_cli("session", "exec", "t", "--timeout", "1x", "--", "true")
     assert r.returncode == 2 and b"corral: --timeout: expected a duration" in r.stderr, r.stderr
+
+
+def test_log_and_diff_work_while_an_agent_holds_the_session(project: Path, data_dir: Path) -> None:
+    import corral
+
+    assert corral_cli("session", "start", "--name", "busy", "--project", str(project)).returncode == 0
+    with corral.Session.open("busy") as held:  # as an MCP server holds it
+        held.write_file("new.txt", "made by the agent\n")
+        log = corral_cli("session", "log", "busy", "--json")
+        assert log.returncode == 0 and b"is in use: showing its recorded steps" in log.stderr, log.stderr
+        assert [s["tool"] for s in json.loads(log.stdout)] == ["copy-in", "write_file"]
+        diff = corral_cli("session", "diff", "busy", "--stat")
+        assert diff.returncode == 0 and b"new.txt" in diff.stdout, diff.stdout
+        sync = corral_cli("session", "sync", "busy", "--yes")  # writing still waits for the session
+        assert sync.returncode != 0 and b"in use" in sync.stderr

@@ -14,6 +14,7 @@ people (tables and a coloured diff on a terminal).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -22,6 +23,13 @@ import time
 from rich.console import Console
 
 from corral.errors import EXIT_USAGE, ConfigError, SessionError, SessionNameError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from corral.session import Session
+    from corral.session.session import RecordedSteps
 
 USAGE = """usage: corral session COMMAND [ARGS]
 
@@ -271,8 +279,24 @@ def _render_tool(tool: str, data: dict[str, object]) -> int:
 
 
 # ---------------------------------------------------------------------------------------- review
-def _diff(args: list[str]) -> int:
+@contextlib.contextmanager
+def _for_review(name: str) -> Iterator[Session | RecordedSteps]:
+    """The session, opened; or, while another process (an agent) holds it, its recorded steps,
+    read without the lock: the user can follow the agent without stopping it."""
     from corral.session import Session
+    from corral.session import store as st
+    from corral.session.session import RecordedSteps
+
+    if st.in_use(st.session_path(name)):
+        sys.stderr.write(f"corral: note: session {name!r} is in use: showing its recorded steps (a call "
+                         "still running is not among them yet)\n")  # fmt: skip
+        yield RecordedSteps(name)
+        return
+    with Session.open(name) as session:
+        yield session
+
+
+def _diff(args: list[str]) -> int:
 
     parser = argparse.ArgumentParser(prog="corral session diff", description="What a session changed.")
     parser.add_argument("name")
@@ -282,7 +306,7 @@ def _diff(args: list[str]) -> int:
     parser.add_argument("--stat", action="store_true", help="the summary only, no diff")
     parser.add_argument("--json", action="store_true")
     opts = parser.parse_args(args)
-    with Session.open(opts.name) as session:
+    with _for_review(opts.name) as session:
         changes = session.changes(opts.step, since=opts.since, patch=not opts.stat)
     if opts.json:
         _print_json(changes.as_json())
@@ -322,13 +346,12 @@ def _diff(args: list[str]) -> int:
 
 
 def _log(args: list[str]) -> int:
-    from corral.session import Session
 
     parser = argparse.ArgumentParser(prog="corral session log", description="The steps of a session.")
     parser.add_argument("name")
     parser.add_argument("--json", action="store_true")
     opts = parser.parse_args(args)
-    with Session.open(opts.name) as session:
+    with _for_review(opts.name) as session:
         steps = session.log()
     if opts.json:
         _print_json([s.as_json() for s in steps])

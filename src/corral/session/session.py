@@ -599,17 +599,7 @@ class Session:
         with self._mutex:
             self._check_open()
             self._pending()
-            last = self.history.last
-            if step is not None:
-                self.history.commit_of(step)
-                old = self.history.tree_of(step - 1) if step > 0 else EMPTY_TREE
-                return self.history.diff(
-                    old, self.history.tree_of(step), since=max(step - 1, 0), until=step, patch=patch
-                )
-            since = 0 if since is None else since
-            return self.history.diff(
-                self.history.tree_of(since), self.history.tree_of(last), since=since, until=last, patch=patch
-            )
+            return _changes(self.history, step, since=since, patch=patch)
 
     def rollback(self, step: int) -> int:
         """Return the workspace to what it was at `step`. The rollback is itself a new step (so it
@@ -766,6 +756,38 @@ class Session:
     def remove(name: str, *, data_dir: str | None = None) -> None:
         """Delete a session, workspace and history (`corral session rm`); refused while it is open."""
         st.remove_session(name, data_dir)
+
+
+class RecordedSteps:
+    """A session's recorded steps, read without opening it: no lock, no sandbox, nothing written.
+    What `corral session log` and `diff` show while an agent holds the session; a tool call still
+    running is not in it until its step is recorded."""
+
+    def __init__(self, name: str, *, data_dir: str | None = None) -> None:
+        directory = st.session_path(name, data_dir)
+        if not os.path.isfile(os.path.join(directory, "state.json")):
+            raise SessionNameError(f"no session named {name!r} (corral session list shows them)")
+        self.name = name
+        self.history = History(GitStore(os.path.join(directory, "history.git"), os.path.join(directory, "workspace")))
+        if self.history.head is None:
+            raise SessionError(f"session {name!r} has no history: it is damaged")
+
+    def log(self) -> builtins.list[Step]:
+        return self.history.steps()
+
+    def changes(self, step: int | None = None, *, since: int | None = None, patch: bool = True) -> Changes:
+        return _changes(self.history, step, since=since, patch=patch)
+
+
+def _changes(history: History, step: int | None, *, since: int | None, patch: bool) -> Changes:
+    """What step `step` changed; or everything from step `since` (0: the copy-in) to the last."""
+    last = history.last
+    if step is not None:
+        history.commit_of(step)
+        old = history.tree_of(step - 1) if step > 0 else EMPTY_TREE
+        return history.diff(old, history.tree_of(step), since=max(step - 1, 0), until=step, patch=patch)
+    since = 0 if since is None else since
+    return history.diff(history.tree_of(since), history.tree_of(last), since=since, until=last, patch=patch)
 
 
 # ---------------------------------------------------------------------------------------- helpers
