@@ -224,3 +224,23 @@ def test_ask_rules_reach_the_approver(project: Path, data_dir: Path, namespace_o
         assert refused.reason == "denied" and "approver callback said no" in (refused.result.rule or "")
         assert [step.tool for step in s.log()] == ["copy-in", "bash"]  # a refused command is not a step
     assert len(asked) == 2
+
+
+def test_names_and_paths_too_long_are_one_line_tool_errors(session: Session) -> None:
+    name = "x" * 300  # over NAME_MAX (255 bytes)
+    deep = "/".join(["y" * 200] * 21)  # every name fits, the path is over PATH_MAX
+    calls = {
+        "read": lambda p: session.read_file(p),
+        "write": lambda p: session.write_file(p, "hi"),
+        "edit": lambda p: session.edit_file(p, "a", "b"),
+        "list": lambda p: session.list_dir(p),
+    }
+    for verb, call in calls.items():
+        for path in (name, f"sub/{name}/f", deep):
+            with pytest.raises(ToolError, match=f"^cannot {verb} .*: File name too long$") as info:
+                call(path)
+            assert "\n" not in str(info.value) and len(str(info.value)) < 300
+    assert not os.path.exists(os.path.join(session.workspace, "sub"))
+    # Just below the limits: fine.
+    assert session.write_file("x" * 255, "ok").changed == ("x" * 255,)
+    assert session.read_file("x" * 255).text == "ok"

@@ -10,7 +10,15 @@ call's usual path) or for the whole tree (a full scan), with the rules of `git a
 - regular files (mode 100644, or 100755 when the owner may execute) and symbolic links (as links,
   never followed) are recorded; empty directories, fifos, sockets and devices are not;
 - no path component named `.git` (in any case) is ever recorded, as git refuses them: a nested
-  repository's files are recorded as plain files, its `.git` never.
+  repository's files are recorded as plain files, its `.git` never;
+- no path of `PATH_MAX` (4096) bytes or more is recorded (a warning names it): git names work tree
+  files by their path, and neither it nor the agent's own tools can open such a path. This bound
+  also keeps a pathological tree (a directory nested a million deep) from costing time without end.
+
+One pass (`update` or `scan`) costs time linear in what it walks, whatever the depth: directories
+are opened from their parent's open descriptor (`Root.cached`) and what git is asked about a
+directory's ancestors is remembered for the pass (`IgnoreChecker.checking`), instead of walking
+from the workspace root again for every path.
 
 `StatCache` remembers each file's blob id by (mode, size, mtime, ctime, inode), as git's index does;
 an entry is trusted only if the file's last change is well before the moment it was hashed, so a
@@ -19,6 +27,7 @@ change in the same clock tick is never missed (git's "racy" problem).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import stat
@@ -26,7 +35,7 @@ import struct
 import time
 from collections.abc import Iterator
 
-from corral.session.fsafe import Root, Unsafe, join
+from corral.session.fsafe import PATH_MAX, Root, Unsafe, join
 from corral.session.gitstore import BLOB, EMPTY_TREE, EXEC, LINK, TREE, GitStore
 from corral.session.ignore import IgnoreChecker
 from corral.session.watch import Changes
@@ -90,8 +99,11 @@ class Tree:
         return entry is not None and entry[0] != TREE
 
     def _mark(self, directory: bytes) -> None:
-        while True:
-            self.dirty.add(directory)
+        # `dirty` holds the ancestors of all it holds: stop at the first directory already marked
+        # (marking every directory of a deep new path would otherwise cost the square of its depth).
+        dirty = self.dirty
+        while directory not in dirty:
+            dirty.add(directory)
             if not directory:
                 return
             directory = _split(directory)[0]
@@ -271,10 +283,35 @@ class Recorder:
         self.tree = tree
         self.cache = cache
         self.ignore = ignore
+        self._too_long: list[bytes] = []  # paths of PATH_MAX bytes or more seen in this pass (the first)
+        self._too_long_count = 0
+
+    @contextlib.contextmanager
+    def _pass(self) -> Iterator[None]:
+        """One recording pass: directory descriptors and ignore verdicts are kept while it lasts."""
+        self._too_long, self._too_long_count = [], 0
+        with self.root.cached(), self.ignore.checking():
+            yield
+        if self._too_long:
+            log.warning(
+                "%d path(s) of %d bytes or more are not recorded (git cannot name them), e.g. %r",
+                self._too_long_count,
+                PATH_MAX,
+                self._too_long[0][:200] + b"...",
+            )
+
+    def _skip_too_long(self, path: bytes) -> None:
+        self._too_long_count += 1
+        if not self._too_long:
+            self._too_long.append(path)
 
     def update(self, changes: Changes) -> bool:
         """Record the entries `changes` names. False when that cannot be trusted (a changed file has
         other hard links) and the caller must scan everything."""
+        with self._pass():
+            return self._update(changes)
+
+    def _update(self, changes: Changes) -> bool:
         names = changes.paths | changes.dirs
         rules = [p for p in names if _split(p)[1] == b".gitignore"]
         if rules:
@@ -285,6 +322,10 @@ class Recorder:
         candidates: list[tuple[bytes, os.stat_result]] = []
         for path in sorted(names):
             if has_git_component(path):
+                continue
+            if len(path) >= PATH_MAX:
+                self._skip_too_long(path)
+                self.tree.remove(path)
                 continue
             st = self.root.lstat(path)
             if st is None:
@@ -304,8 +345,9 @@ class Recorder:
 
     def scan(self) -> None:
         """Record the whole workspace."""
-        self.ignore.restart()
-        self._walk(b"")
+        with self._pass():
+            self.ignore.restart()
+            self._walk(b"")
 
     def _walk_changed_dir(self, path: bytes) -> None:
         entry = self.tree.get(path)
@@ -386,6 +428,9 @@ class Recorder:
                 if is_git_name(name):
                     continue
                 path = join(directory, name)
+                if len(path) >= PATH_MAX:  # left in `recorded`: removed below if it was recorded
+                    self._skip_too_long(path)
+                    continue
                 entry = recorded.pop(name, None)
                 if stat.S_ISDIR(st.st_mode):
                     if entry is not None and entry[0] != TREE:

@@ -10,10 +10,17 @@ accepted too). They are resolved on the host without ever leaving the workspace:
 out, a symbolic link is followed only when its target stays inside (as the sandbox would see it),
 and the final I/O walks the resolved path with O_NOFOLLOW (`corral.session.fsafe`). Paths inside
 another zone mounted within the workspace are refused (their content is not the workspace's).
+A name longer than NAME_MAX (255 bytes) or a path of PATH_MAX (4096) bytes or more is refused with a
+ToolError (as the kernel refuses it inside the sandbox; the history would not record it), and so is
+any other failure the system reports (`cannot write X: No space left on device`), in one line.
+Each call walks the workspace from directory descriptors it keeps while it runs (`Root.cached`), so
+its cost grows with the path's depth, not with its square.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import posixpath
 import stat
@@ -23,7 +30,7 @@ from corral._record import Record
 from corral.backends.base import Result
 from corral.errors import PolicyDenied, ToolError
 from corral.session import bytecode
-from corral.session.fsafe import Root, Unsafe, join
+from corral.session.fsafe import NAME_MAX, PATH_MAX, Root, Unsafe, join
 
 MAX_READ_BYTES = 8 << 20  # read_file and edit_file refuse larger files
 DEFAULT_READ_LINES = 2000
@@ -33,11 +40,22 @@ MAX_SEARCH_MATCHES = 200
 MAX_MATCH_CHARS = 500
 _BINARY_SNIFF = 8192
 _MAX_LINK_HOPS = 40
+_VERB = {"read_file": "read", "write_file": "write", "edit_file": "edit", "list_dir": "list", "search": "search"}
+_SHOWN_CHARS = 200  # a longer path is shortened in error messages
 
 
 def show(path: bytes | str) -> str:
     """A path as text for messages and results (undecodable bytes kept as surrogate escapes)."""
     return os.fsdecode(path) if isinstance(path, bytes) else path
+
+
+def brief(path: bytes | str) -> str:
+    """`show(path)`, its middle left out when it is too long for a one-line message."""
+    text = show(path)
+    if len(text) <= _SHOWN_CHARS:
+        return text
+    half = _SHOWN_CHARS // 2
+    return f"{text[:half]}...[{len(text) - 2 * half} characters]...{text[-half:]}"
 
 
 def _size(n: int) -> str:
@@ -285,6 +303,7 @@ def resolve(ctx: ToolContext, path: str | bytes, *, tool: str, follow_final: boo
         if rel is None:
             raise ToolError(f"{show(raw)} leaves the workspace", tool=tool)
     parts = rel.split(b"/") if rel else []
+    _check_length(raw, rel, parts, tool)
     done: list[bytes] = []
     hops = 0
     i = 0
@@ -307,6 +326,7 @@ def resolve(ctx: ToolContext, path: str | bytes, *, tool: str, follow_final: boo
                     tool=tool,
                 )
             parts = (new.split(b"/") if new else []) + parts[i + 1 :]
+            _check_length(raw, b"/".join(parts), parts, tool)
             done = []
             i = 0
             continue
@@ -321,6 +341,26 @@ def resolve(ctx: ToolContext, path: str | bytes, *, tool: str, follow_final: boo
                 rule="zones",
             )
     return resolved
+
+
+def _check_length(raw: bytes, rel: bytes, parts: list[bytes], tool: str) -> None:
+    """A ToolError for a path the kernel would refuse: a name over NAME_MAX bytes, a path of PATH_MAX."""
+    if len(rel) >= PATH_MAX or any(len(part) > NAME_MAX for part in parts):
+        raise ToolError(f"cannot {_VERB.get(tool, 'use')} {brief(raw)}: {os.strerror(errno.ENAMETOOLONG)}", tool=tool)
+
+
+@contextlib.contextmanager
+def _working(ctx: ToolContext, path: str | bytes, tool: str) -> Iterator[None]:
+    """A tool's call: directories opened once (see `Root.cached`), and what the system refuses (a
+    full disk, an I/O error) said in one line, as a ToolError, rather than as an OSError."""
+    with ctx.root.cached():
+        try:
+            yield
+        except OSError as exc:
+            reason = exc.strerror or str(exc) or type(exc).__name__
+            raise ToolError(
+                f"cannot {_VERB.get(tool, 'use')} {brief(os.fsencode(path))}: {reason}", tool=tool
+            ) from None
 
 
 def _under(path: bytes, mount: bytes) -> bytes | None:
@@ -381,30 +421,31 @@ def _read_text(ctx: ToolContext, rel: bytes, shown: str, tool: str) -> tuple[str
 # ---------------------------------------------------------------------------------------- tools
 def read_file(ctx: ToolContext, path: str | bytes, *, offset: int = 0, limit: int | None = None) -> ReadResult:
     """Up to `limit` lines (default 2000) of a text file, starting after `offset` lines."""
-    if offset < 0 or (limit is not None and limit < 1):
-        raise ToolError("offset must be >= 0 and limit >= 1", tool="read_file")
-    rel = resolve(ctx, path, tool="read_file")
-    shown = show(rel)
-    text, _ = _read_text(ctx, rel, shown, "read_file")
-    lines = text.splitlines(keepends=True)
-    count = DEFAULT_READ_LINES if limit is None else limit
-    chosen = lines[offset : offset + count]
-    truncated = offset + count < len(lines)
-    out = []
-    for line in chosen:
-        if len(line) > MAX_LINE_CHARS:
-            out.append(line[:MAX_LINE_CHARS] + f"... [{len(line) - MAX_LINE_CHARS} more characters]\n")
-            truncated = True
-        else:
-            out.append(line)
-    return ReadResult(
-        path=shown,
-        text="".join(out),
-        start_line=offset + 1,
-        end_line=offset + len(chosen),
-        total_lines=len(lines),
-        truncated=truncated,
-    )
+    with _working(ctx, path, "read_file"):
+        if offset < 0 or (limit is not None and limit < 1):
+            raise ToolError("offset must be >= 0 and limit >= 1", tool="read_file")
+        rel = resolve(ctx, path, tool="read_file")
+        shown = show(rel)
+        text, _ = _read_text(ctx, rel, shown, "read_file")
+        lines = text.splitlines(keepends=True)
+        count = DEFAULT_READ_LINES if limit is None else limit
+        chosen = lines[offset : offset + count]
+        truncated = offset + count < len(lines)
+        out = []
+        for line in chosen:
+            if len(line) > MAX_LINE_CHARS:
+                out.append(line[:MAX_LINE_CHARS] + f"... [{len(line) - MAX_LINE_CHARS} more characters]\n")
+                truncated = True
+            else:
+                out.append(line)
+        return ReadResult(
+            path=shown,
+            text="".join(out),
+            start_line=offset + 1,
+            end_line=offset + len(chosen),
+            total_lines=len(lines),
+            truncated=truncated,
+        )
 
 
 def _check_writable(ctx: ToolContext, size: int, shown: str) -> None:
@@ -439,96 +480,99 @@ def _write(ctx: ToolContext, rel: bytes, data: bytes, shown: str, tool: str) -> 
 
 def write_file(ctx: ToolContext, path: str | bytes, content: str | bytes) -> WriteResult:
     """Create or replace a file with `content` (text is written as UTF-8); missing directories are made."""
-    rel = resolve(ctx, path, tool="write_file")
-    shown = show(rel)
-    data = content.encode("utf-8") if isinstance(content, str) else bytes(content)
-    _check_writable(ctx, len(data), shown)
-    created = _write(ctx, rel, data, shown, "write_file")
-    return WriteResult(path=shown, size=len(data), created=created)
+    with _working(ctx, path, "write_file"):
+        rel = resolve(ctx, path, tool="write_file")
+        shown = show(rel)
+        data = content.encode("utf-8") if isinstance(content, str) else bytes(content)
+        _check_writable(ctx, len(data), shown)
+        created = _write(ctx, rel, data, shown, "write_file")
+        return WriteResult(path=shown, size=len(data), created=created)
 
 
 def edit_file(ctx: ToolContext, path: str | bytes, old: str, new: str, *, count: int = 1) -> EditResult:
     """Replace `old` (exact text, which must occur exactly `count` times) by `new`."""
-    rel = resolve(ctx, path, tool="edit_file")
-    shown = show(rel)
-    if not old:
-        raise ToolError("old text is empty; use write_file to create or replace a whole file", tool="edit_file")
-    if count < 1:
-        raise ToolError("count must be at least 1", tool="edit_file")
-    text, _ = _read_text(ctx, rel, shown, "edit_file")
-    found = text.count(old)
-    if found == 0:
-        hint = ""
-        if old.strip() and old.strip() in text:
-            hint = " (it occurs with different leading or trailing whitespace)"
-        raise ToolError(
-            f"old text not found in {shown}{hint}; read the file and copy the text exactly", tool="edit_file"
-        )
-    if found != count:
-        raise ToolError(
-            f"old text occurs {found} times in {shown}, expected {count}: include more surrounding "
-            f"lines to make it unique, or pass count={found} to replace every one",
-            tool="edit_file",
-        )
-    line = text[: text.index(old)].count("\n") + 1
-    data = text.replace(old, new).encode("utf-8")
-    _check_writable(ctx, len(data), shown)
-    _write(ctx, rel, data, shown, "edit_file")
-    return EditResult(path=shown, replacements=found, line=line, size=len(data))
+    with _working(ctx, path, "edit_file"):
+        rel = resolve(ctx, path, tool="edit_file")
+        shown = show(rel)
+        if not old:
+            raise ToolError("old text is empty; use write_file to create or replace a whole file", tool="edit_file")
+        if count < 1:
+            raise ToolError("count must be at least 1", tool="edit_file")
+        text, _ = _read_text(ctx, rel, shown, "edit_file")
+        found = text.count(old)
+        if found == 0:
+            hint = ""
+            if old.strip() and old.strip() in text:
+                hint = " (it occurs with different leading or trailing whitespace)"
+            raise ToolError(
+                f"old text not found in {shown}{hint}; read the file and copy the text exactly", tool="edit_file"
+            )
+        if found != count:
+            raise ToolError(
+                f"old text occurs {found} times in {shown}, expected {count}: include more surrounding "
+                f"lines to make it unique, or pass count={found} to replace every one",
+                tool="edit_file",
+            )
+        line = text[: text.index(old)].count("\n") + 1
+        data = text.replace(old, new).encode("utf-8")
+        _check_writable(ctx, len(data), shown)
+        _write(ctx, rel, data, shown, "edit_file")
+        return EditResult(path=shown, replacements=found, line=line, size=len(data))
 
 
 def list_dir(ctx: ToolContext, path: str | bytes = ".", *, depth: int = 1) -> ListResult:
     """The entries of a directory, `depth` levels down (a `.git` directory is listed, not entered)."""
-    if depth < 1:
-        raise ToolError("depth must be at least 1", tool="list_dir")
-    rel = resolve(ctx, path, tool="list_dir")
-    shown = show(rel) or "."
-    entries: list[DirEntry] = []
-    truncated = False
-    stack: list[tuple[bytes, int]] = [(rel, 1)]
-    first = True
-    while stack:
-        directory, level = stack.pop()
-        try:
-            listing = sorted(ctx.root.listdir(directory), reverse=True)
-        except FileNotFoundError:
-            if first:
-                raise ToolError(f"{shown} does not exist", tool="list_dir") from None
-            continue
-        except (NotADirectoryError, Unsafe):
-            if first:
-                raise ToolError(f"{shown} is not a directory", tool="list_dir") from None
-            continue
-        except PermissionError:
-            if first:
-                raise ToolError(f"{shown} is not readable", tool="list_dir") from None
-            continue
-        first = False
-        children = []
-        for name, st in listing:
-            child = join(directory, name)
-            nested = any(child == z or child.startswith(z + b"/") for z in ctx.nested)
-            if stat.S_ISDIR(st.st_mode):
-                entry = DirEntry(path=show(child), kind="dir")
-                if level < depth and name.lower() != b".git" and not nested:
-                    children.append((child, level + 1))
-            elif stat.S_ISLNK(st.st_mode):
-                try:
-                    target: str | None = show(ctx.root.readlink(child))
-                except OSError:
-                    target = None
-                entry = DirEntry(path=show(child), kind="link", target=target)
-            elif stat.S_ISREG(st.st_mode):
-                entry = DirEntry(path=show(child), kind="file", size=st.st_size)
-            else:
-                entry = DirEntry(path=show(child), kind="other")
-            entries.append(entry)
-        stack.extend(children)
-        if len(entries) >= MAX_LIST_ENTRIES:
-            truncated = True
-            break
-    entries.sort(key=lambda e: os.fsencode(e.path))
-    return ListResult(path=shown, entries=tuple(entries[:MAX_LIST_ENTRIES]), truncated=truncated)
+    with _working(ctx, path, "list_dir"):
+        if depth < 1:
+            raise ToolError("depth must be at least 1", tool="list_dir")
+        rel = resolve(ctx, path, tool="list_dir")
+        shown = show(rel) or "."
+        entries: list[DirEntry] = []
+        truncated = False
+        stack: list[tuple[bytes, int]] = [(rel, 1)]
+        first = True
+        while stack:
+            directory, level = stack.pop()
+            try:
+                listing = sorted(ctx.root.listdir(directory), reverse=True)
+            except FileNotFoundError:
+                if first:
+                    raise ToolError(f"{shown} does not exist", tool="list_dir") from None
+                continue
+            except (NotADirectoryError, Unsafe):
+                if first:
+                    raise ToolError(f"{shown} is not a directory", tool="list_dir") from None
+                continue
+            except PermissionError:
+                if first:
+                    raise ToolError(f"{shown} is not readable", tool="list_dir") from None
+                continue
+            first = False
+            children = []
+            for name, st in listing:
+                child = join(directory, name)
+                nested = any(child == z or child.startswith(z + b"/") for z in ctx.nested)
+                if stat.S_ISDIR(st.st_mode):
+                    entry = DirEntry(path=show(child), kind="dir")
+                    if level < depth and name.lower() != b".git" and not nested:
+                        children.append((child, level + 1))
+                elif stat.S_ISLNK(st.st_mode):
+                    try:
+                        target: str | None = show(ctx.root.readlink(child))
+                    except OSError:
+                        target = None
+                    entry = DirEntry(path=show(child), kind="link", target=target)
+                elif stat.S_ISREG(st.st_mode):
+                    entry = DirEntry(path=show(child), kind="file", size=st.st_size)
+                else:
+                    entry = DirEntry(path=show(child), kind="other")
+                entries.append(entry)
+            stack.extend(children)
+            if len(entries) >= MAX_LIST_ENTRIES:
+                truncated = True
+                break
+        entries.sort(key=lambda e: os.fsencode(e.path))
+        return ListResult(path=shown, entries=tuple(entries[:MAX_LIST_ENTRIES]), truncated=truncated)
 
 
 def search(
