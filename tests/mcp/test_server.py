@@ -111,6 +111,8 @@ async def test_bad_calls_are_tool_errors_and_the_server_survives(project: Path, 
             ("edit_file", {"path": "calc.py", "old": "absent", "new": "x"}, "not found"),
             ("rollback", {"step": 999}, "step"),
             ("changes", {"step": "one"}, "integer"),
+            ("log", {"extra": 1}, "log has no argument 'extra' (it takes none)"),
+            ("rollback", {"step": 0, "to": 1}, "rollback has no argument 'to' (it takes step)"),
         ):
             r = await c.call_tool(name, args)
             assert r.is_error, (name, args, text(r))
@@ -342,3 +344,13 @@ def test_flags_that_would_change_a_resumed_session_are_refused(
         assert f"session 'm1' exists, for {project} with the policy it was started with; {named}".encode() in r.stderr
     r = corral_cli("mcp", "--session", "m1", "--project", str(project), cwd=project, env=data_dir, input=b"")
     assert r.returncode == 0, r.stderr  # the same project, no policy flags: resumed (and ended at once: no client)
+
+
+def test_the_instructions_name_the_sandbox_s_real_limits() -> None:
+    import corral
+    from corral.mcp.server import instructions
+
+    plain = instructions(corral.Policy.workspace("/tmp"))
+    assert "inside a sandbox (no network)" in plain and "memory" not in plain
+    tight = instructions(corral.Policy.workspace("/tmp").with_limits(memory="512M", timeout="2m"))
+    assert "(no network, memory 512M, each command stopped after 120s)" in tight, tight

@@ -30,13 +30,34 @@ from corral.session.tools import SPECS
 
 log = logging.getLogger(__name__)
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from corral.policy.model import Policy
+
 READ_ONLY = ("read_file", "list_dir", "search")
 INSTRUCTIONS = (
-    "These tools work on a copy of the user's project inside a sandbox (no network unless allowed, "
-    "limited memory and time). Paths are relative to the project's top directory. Every change is "
-    "recorded as a numbered step: call `changes` to review them and `rollback` to return to a step. "
-    "The user reviews and syncs the changes back to their project."
+    "These tools work on a copy of the user's project inside a sandbox ({limits}). Paths are relative "
+    "to the project's top directory. Every change is recorded as a numbered step: call `changes` to "
+    "review them and `rollback` to return to a step. The user reviews and syncs the changes back to "
+    "their project."
 )
+
+
+def instructions(policy: Policy) -> str:
+    """The server's instructions, naming the sandbox's real network mode and limits."""
+    from corral.units import format_duration, format_size
+
+    network = {"none": "no network", "host": "the host's network"}.get(policy.network.mode,
+                                                                       "network only to allowed hosts")  # fmt: skip
+    limits = policy.limits
+    parts = [network]
+    if limits.memory is not None:
+        parts.append(f"memory {format_size(limits.memory)}")
+    if limits.timeout is not None:
+        parts.append(f"each command stopped after {format_duration(limits.timeout)}")
+    return INSTRUCTIONS.format(limits=", ".join(parts))
+
+
 EXTRA_TOOLS: dict[str, tuple[str, dict[str, object], bool]] = {
     "changes": (
         "Summarize what changed (files added, modified, deleted, lines +/-) with a unified diff: for one "
@@ -112,7 +133,7 @@ class CorralMCP:
         self.server: Server[Any] = Server(
             "corral",
             version=__version__,
-            instructions=INSTRUCTIONS,
+            instructions=instructions(session.policy),
             on_list_tools=self._list_tools,
             on_call_tool=self._call_tool,
             on_list_resources=self._list_resources,
@@ -226,6 +247,14 @@ class CorralMCP:
     def dispatch(self, name: str, args: dict[str, object]) -> tuple[str, dict[str, object]]:
         """Run one tool synchronously: (text for the model, structured result)."""
         s = self.session
+        schema = (SYNC_TOOL if name == "sync" else EXTRA_TOOLS.get(name, (None, None)))[1]
+        if isinstance(schema, dict):  # the session's own tools check theirs
+            properties = schema.get("properties")
+            known = [str(key) for key in properties] if isinstance(properties, dict) else []
+            unknown = [key for key in args if key not in known]
+            if unknown:
+                takes = ", ".join(known) or "none"
+                raise CorralError(f"{name} has no argument {unknown[0]!r} (it takes {takes})")
         if name in SPECS:
             result = s.call(name, args)
             data = result.as_json()
