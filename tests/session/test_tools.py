@@ -244,3 +244,13 @@ def test_names_and_paths_too_long_are_one_line_tool_errors(session: Session) -> 
     # Just below the limits: fine.
     assert session.write_file("x" * 255, "ok").changed == ("x" * 255,)
     assert session.read_file("x" * 255).text == "ok"
+
+
+def test_git_paths_and_reading_past_the_end_are_refused(session: Session) -> None:
+    for path in (".git/config", "sub/.GIT/hooks/pre-commit"):
+        with pytest.raises(ToolError, match="a session does not change .git"):
+            session.write_file(path, "[core]\n")
+    session.write_file("three.txt", "a\nb\nc\n")
+    assert session.read_file("three.txt", offset=2).text == "c\n"
+    with pytest.raises(ToolError, match="offset 3 is past the end of three.txt, which has 3 lines"):
+        session.read_file("three.txt", offset=3)

@@ -429,6 +429,10 @@ def read_file(ctx: ToolContext, path: str | bytes, *, offset: int = 0, limit: in
         text, _ = _read_text(ctx, rel, shown, "read_file")
         lines = text.splitlines(keepends=True)
         count = DEFAULT_READ_LINES if limit is None else limit
+        if offset and offset >= len(lines):
+            raise ToolError(
+                f"offset {offset} is past the end of {shown}, which has {len(lines)} lines", tool="read_file"
+            )
         chosen = lines[offset : offset + count]
         truncated = offset + count < len(lines)
         out = []
@@ -462,6 +466,9 @@ def _write(ctx: ToolContext, rel: bytes, data: bytes, shown: str, tool: str) -> 
     """Replace or create the file; True when it was created."""
     if not rel:
         raise ToolError("the workspace itself is a directory", tool=tool)
+    if any(len(part) == 4 and part.lower() == b".git" for part in rel.split(b"/")):
+        # The history records no .git path, a review shows none, a rollback would not undo it.
+        raise ToolError(f"cannot write {shown}: a session does not change .git (it keeps its own history)", tool=tool)
     st = ctx.root.lstat(rel)
     if st is not None and stat.S_ISDIR(st.st_mode):
         raise ToolError(f"{shown} is a directory", tool=tool)
