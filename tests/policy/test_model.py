@@ -7,7 +7,7 @@ import pytest
 from corral import ConfigError, Limits, Network, Policy, Zone
 from corral.policy.model import MAX_BYTES, MAX_SECONDS, Commands, Env, relocated
 from corral.policy.profiles import PROFILES, make_profile
-from corral.units import parse_duration, parse_size
+from corral.units import parse_duration, parse_number, parse_size
 
 
 @pytest.mark.parametrize(
@@ -187,3 +187,53 @@ def test_relocated_says_the_message_once_at_the_new_place() -> None:
     moved = relocated(ConfigError("must be positive, got 0", where="limits.pids"), "--pids")
     assert str(moved) == "--pids: must be positive, got 0" and moved.where == "--pids"
     assert str(relocated(ConfigError("bare"), "f.toml")) == "f.toml: bare"
+
+
+@pytest.mark.parametrize("text", ["\uff16\uff14M", "\u0666\u0664M", "1.\uff15G", "\u00b2M", "\u096ak", ".M", "..", "."])
+def test_sizes_take_ascii_digits_only(text: str) -> None:
+    """int() and float() read any script's digits: `--memory` with fullwidth 64M was 64 MiB; a superscript two
+    raised a ValueError."""
+    with pytest.raises(ConfigError, match=r"^--memory: expected a size such as 512M or 2G, got "):
+        parse_size(text, where="--memory")
+
+
+@pytest.mark.parametrize("text", ["\uff12s", "\u0662s", "1.\uff15m", "\u00b3s", ".s"])
+def test_durations_take_ascii_digits_only(text: str) -> None:
+    with pytest.raises(ConfigError, match=r"^--timeout: expected a duration such as 30s, 500ms or 2m, got "):
+        parse_duration(text, where="--timeout")
+
+
+def test_limits_take_ascii_digits_only() -> None:
+    with pytest.raises(ConfigError, match="^limits.memory: expected a size"):
+        Limits(memory="\uff11G")
+    with pytest.raises(ConfigError, match="^limits.timeout: expected a duration"):
+        Limits(timeout="\u0662s")
+
+
+@pytest.mark.parametrize(
+    ("text", "integer", "expected"), [("0", True, 0), ("12", True, 12), ("-3", True, -3), ("1.5", False, 1.5)]
+)
+def test_numbers(text: str, integer: bool, expected: float) -> None:
+    assert parse_number(text, where="--cpus", integer=integer) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "integer"),
+    [("\uff10", True), ("\u0660.\u0665", False), ("\uff11", True), ("2.\u0665", False), ("x", True)],
+)
+def test_numbers_take_ascii_digits_only(text: str, integer: bool) -> None:
+    """For --uid, --pids, --open-files and --cpus: a fullwidth zero was uid 0, Arabic-Indic 0.5 half a CPU."""
+    whole = "whole " if integer else ""
+    with pytest.raises(ConfigError, match=f"^--uid: expected a {whole}number, got {text!r}$"):
+        parse_number(text, where="--uid", integer=integer)
+
+
+@pytest.mark.parametrize("mount", ["/usr", "/bin", "/sbin", "/lib", "/lib64", "/etc", "/usr/"])
+def test_a_zone_cannot_replace_the_system_view(mount: str) -> None:
+    """`--zone X:/usr` or `--tmpfs /usr` replaced the system (`execvp sh: No such file or directory`);
+    `--zone /etc` put the host's /etc, shadow included, over corral's own."""
+    for zone in (lambda: Zone.tmpfs(mount), lambda: Zone.ro("/x", mount), lambda: Zone.rw("/x", mount)):
+        with pytest.raises(ConfigError, match="^zone.mount: .* is part of the sandbox's read-only system view"):
+            zone()
+    assert Zone.ro("/x", "/usr/local/src/project").mount == "/usr/local/src/project"  # inside: checked when resolved
+    assert Zone.ro("/x", "/library").mount == "/library"

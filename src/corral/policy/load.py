@@ -30,22 +30,34 @@ The workspace (the read-write zone of the profile) is the caller's `workspace` w
 file's `workspace` key, else the folder of a file found by search (the project's own config), else
 the current directory: a file named explicitly (`--config`, `load_policy(path)`) is a policy, not
 a project, and never makes its own folder writable.
+
+A file found by search is used only when no one but you (or root) could have written it, as git's
+safe.directory: owned by your euid or root, not writable by its group or others, in a directory
+owned by you or root that others cannot write (unless it is sticky, as /tmp: the file is then
+yours, and no one else can replace it). Otherwise the search is an error naming the file and its
+owner: its `approver` would run as you, and it could add zones or the host's network. A file named
+with `--config` is the caller's choice and is not checked. A pyproject.toml is a config when it has
+a `tool.corral` table, however written; one that does not mention corral is not even parsed.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 
 from corral._record import Record
 from corral.errors import ConfigError
 from corral.policy.model import Commands, Container, Env, Limits, Network, Policy, Zone, relocated
 from corral.policy.profiles import DEFAULT_PROFILE, make_profile
 from corral.policy.resolve import host_path
+from corral.units import describe
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
     from typing import TypeVar
+
+    Table = dict[str, object]
 
     T = TypeVar("T")
 
@@ -63,6 +75,7 @@ _COMMANDS_KEYS = {"allow": "a list of patterns", "deny": "a list of patterns", "
                   "approver": "a command (list of strings)", "ask_timeout": "a duration"}  # fmt: skip
 _LIMIT_KEYS = {"cpus": "a number of CPUs", "memory": "a size", "pids": "a number", "timeout": "a duration",
                "output": "a size", "file_size": "a size", "open_files": "a number"}  # fmt: skip
+NO_LIMIT = "none"  # a limit's value that lifts it (the profile's too), as `--memory none` does
 _ENV_KEYS = {"pass": "a list of variable names", "set": "a table of NAME = value"}
 _CONTAINER_KEYS = {"image": "an image name", "auto_pull": "true or false"}
 
@@ -83,27 +96,131 @@ class Config(Record):
 
 
 def find_config(start: str | None = None) -> str | None:
-    """The nearest corral.toml, or pyproject.toml with a [tool.corral] table, from `start` upward."""
+    """The nearest corral.toml, or pyproject.toml with a `tool.corral` table, from `start` upward.
+
+    A ConfigError when the nearest one is not trusted (another user could have written it) or cannot be read."""
+    found = _search(start)
+    return found[0] if found else None
+
+
+# Files find_config returned: checked again when read (the path may be read later, as by the CLI).
+_FOUND: set[str] = set()
+
+
+def _search(start: str | None) -> tuple[str, Table] | None:
     directory = os.path.abspath(start or os.getcwd())
     while True:
-        candidate = os.path.join(directory, "corral.toml")
-        if os.path.isfile(candidate):
-            return candidate
-        candidate = os.path.join(directory, "pyproject.toml")
-        if os.path.isfile(candidate) and _has_tool_corral(candidate):
-            return candidate
+        for name in CONFIG_NAMES:
+            candidate = os.path.join(directory, name)
+            data = _read_found(candidate)
+            if data is not None:
+                _FOUND.add(candidate)
+                return candidate, data
         parent = os.path.dirname(directory)
         if parent == directory:
             return None
         directory = parent
 
 
-def _has_tool_corral(path: str) -> bool:
+def _read_found(path: str) -> Table | None:
+    """The table of a config file found by search, or None when `path` is not one (missing, not a
+    regular file, a pyproject.toml without tool.corral). Checked on the descriptor read from."""
     try:
-        with open(path, "rb") as f:
-            return b"[tool.corral" in f.read()
-    except OSError:
-        return False
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)  # a FIFO planted there cannot block us
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        if path.endswith("pyproject.toml"):
+            return None  # cannot tell whether it configures corral: as before, not a config
+        raise ConfigError(f"cannot read it: {exc.strerror}", where=path) from None
+    with open(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        if path.endswith("pyproject.toml"):
+            raw = f.read()
+            if b"corral" not in raw:
+                return None
+            tool = _parse_toml(raw, path).get("tool")
+            if not isinstance(tool, dict) or "corral" not in tool:
+                return None
+            _check_trusted(path, st)
+            return _tool_corral(tool["corral"], path)
+        _check_trusted(path, st)
+        return _parse_toml(f.read(), path)
+
+
+def _check_trusted(path: str, st: os.stat_result) -> None:
+    """A ConfigError naming `path` unless only this user or root could have written it (`st` is the
+    file's own, from the descriptor read): see the module's docstring."""
+    euid = os.geteuid()
+    reason = None
+    if st.st_uid not in (euid, 0):
+        reason = f"it is owned by {_user(st.st_uid)}{_not_you(euid)}"
+    elif st.st_mode & 0o022:
+        who = "others" if st.st_mode & 0o002 else "its group"
+        reason = f"it is writable by {who} (mode {stat.S_IMODE(st.st_mode):04o})"
+    else:
+        try:
+            link = os.lstat(path)
+        except OSError:
+            link = None
+        if link is not None and stat.S_ISLNK(link.st_mode) and link.st_uid not in (euid, 0):
+            reason = f"it is a symbolic link owned by {_user(link.st_uid)}{_not_you(euid)}"
+        # The directory it was found in, and the real file's when it is a link.
+        directories = [os.path.dirname(path)]
+        if link is not None and stat.S_ISLNK(link.st_mode):
+            directories.append(os.path.dirname(os.path.realpath(path)))
+        for directory in directories:
+            if reason is not None:
+                break
+            try:
+                dst = os.stat(directory)
+            except OSError as exc:
+                reason = f"its directory {directory} cannot be checked: {exc.strerror}"
+                break
+            mode = stat.S_IMODE(dst.st_mode)
+            if dst.st_uid not in (euid, 0):
+                reason = f"its directory {directory} is owned by {_user(dst.st_uid)}{_not_you(euid)}"
+            elif mode & 0o002 and not mode & stat.S_ISVTX:
+                reason = f"its directory {directory} is writable by others and not sticky (mode {mode:04o})"
+    if reason is not None:
+        raise ConfigError(
+            f"refusing this config file, found by searching the directories above: {reason}; whoever "
+            f"can write it could widen the sandbox or run its approver as you (use it anyway with --config {path}, "
+            "or ignore config files with --no-config)",
+            where=path,
+        )
+
+
+def _not_you(euid: int) -> str:
+    return ", not by you (root)" if euid == 0 else f", not by you ({_user(euid)}) or root"
+
+
+def _user(uid: int) -> str:
+    import pwd
+
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _parse_toml(raw: bytes, path: str) -> Table:
+    import tomllib
+
+    try:
+        return tomllib.loads(raw.decode())
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"not valid TOML: not UTF-8 text (byte {exc.start})", where=path) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"not valid TOML: {exc}", where=path) from None
+
+
+def _tool_corral(section: object, path: str) -> Table:
+    if not isinstance(section, dict):
+        raise ConfigError(f"expected a table, got {describe(section)}", where=f"{path}: tool.corral")
+    return section
 
 
 def load_policy(path: str | None = None, *, profile: str | None = None, workspace: str | None = None) -> Policy:
@@ -119,10 +236,12 @@ def load_config(path: str | None = None, *, profile: str | None = None, workspac
     """
     found = path is None and search
     if found:
-        path = find_config()
+        hit = _search(None)
+        path, data = hit if hit is not None else (None, {})
     if path is None:
-        return Config(policy=make_profile(profile or DEFAULT_PROFILE, workspace=_abs(workspace or os.getcwd())))
-    data = _read_toml(path)
+        return Config(policy=make_profile(profile or DEFAULT_PROFILE, workspace=_abs(workspace or _current_dir())))
+    if not found:
+        data = _read_toml(path)
     base_dir = os.path.dirname(os.path.abspath(path))
     return config_from_mapping(data, base_dir=base_dir, source=path, profile=profile, workspace=workspace,
                                default_workspace=base_dir if found else None)  # fmt: skip
@@ -132,24 +251,37 @@ def _abs(path: str) -> str:
     return os.path.abspath(os.path.expanduser(path))
 
 
-def _read_toml(path: str) -> dict[str, object]:
-    import tomllib
+def _current_dir() -> str:
+    """The current directory as the workspace: never `/`, the sandbox's own root."""
+    cwd = os.getcwd()
+    if cwd == "/":
+        raise ConfigError(
+            "the current directory / cannot be the workspace (it is the sandbox's own root): cd to a project "
+            "directory, or name one with `workspace` in a --config file",
+            where="workspace",
+        )
+    return cwd
 
+
+def _read_toml(path: str) -> Table:
+    if path in _FOUND:  # found by search (find_config), read now: checked again, on what is read
+        data = _read_found(path)
+        if data is None:
+            raise ConfigError("no longer a config file (it changed since it was found)", where=path)
+        return data
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            raw = f.read()
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist", where="--config") from None
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}", where="--config") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"not valid TOML: {exc}", where=path) from None
+    data = _parse_toml(raw, path)
     if os.path.basename(path) == "pyproject.toml":
         tool = data.get("tool", {})
-        section = tool.get("corral") if isinstance(tool, dict) else None
-        if not isinstance(section, dict):
+        if not isinstance(tool, dict) or "corral" not in tool:
             raise ConfigError("has no [tool.corral] table", where=path)
-        return section
+        return _tool_corral(tool["corral"], path)
     return data
 
 
@@ -169,7 +301,7 @@ def config_from_mapping(data: Mapping[str, object], *, base_dir: str, source: st
         ws_path = os.path.normpath(os.path.join(base_dir, os.path.expanduser(ws_key)))
         host_path(ws_path, base_dir=base_dir, where=f"{where}: workspace")
     else:
-        ws_path = default_workspace or os.getcwd()
+        ws_path = default_workspace or _current_dir()
     try:
         base = make_profile(profile_name, workspace=ws_path)
     except ConfigError as exc:
@@ -181,12 +313,15 @@ def config_from_mapping(data: Mapping[str, object], *, base_dir: str, source: st
     zones = list(base.zones)
     raw_zones = data.get("zones", [])
     if not isinstance(raw_zones, list):
-        raise ConfigError(f"expected a list of zone tables ([[zones]]), got {raw_zones!r}", where=f"{where}: zones")
+        raise ConfigError(f"expected a list of zone tables ([[zones]]), got {_got(raw_zones)}", where=f"{where}: zones")
     for i, raw in enumerate(raw_zones):
         zones.append(_zone(raw, base_dir, f"{where}: zones[{i}]"))
     network = _network(data.get("network"), where) if "network" in data else base.network
     commands = _commands(data.get("commands"), where) if "commands" in data else base.commands
-    limits = base.limits.merged(_limits(data.get("limits"), where)) if "limits" in data else base.limits
+    limits = base.limits
+    if "limits" in data:
+        own, lifted = _limits(data.get("limits"), where)
+        limits = limits.merged(own).replace(**dict.fromkeys(lifted))
     env = _env(data.get("env"), where) if "env" in data else base.env
     fields: dict[str, object] = {}
     if "cwd" in data:
@@ -220,7 +355,7 @@ def _backend_name(data: Mapping[str, object], key: str, where: str) -> str | Non
 
 def _check_keys(data: object, allowed: Mapping[str, str], where: str) -> None:
     if not isinstance(data, dict):
-        raise ConfigError(f"expected a table, got {data!r}", where=where)
+        raise ConfigError(f"expected a table, got {describe(data)}", where=where)
     for key in data:
         if key not in allowed:
             expected = ", ".join(f"{k} ({v})" for k, v in allowed.items())
@@ -232,8 +367,13 @@ def _opt_str(data: Mapping[str, object], key: str, where: str) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str) or not value:
-        raise ConfigError(f"expected {_TOP_KEYS.get(key, 'a string')}, got {value!r}", where=f"{where}: {key}")
+        raise ConfigError(f"expected {_TOP_KEYS.get(key, 'a string')}, got {_got(value)}", where=f"{where}: {key}")
     return value
+
+
+def _got(value: object) -> str:
+    """A value for a message: a string as itself, quoted; anything else as its TOML type and text."""
+    return repr(value) if isinstance(value, str) else describe(value)
 
 
 def _zone(raw: object, base_dir: str, where: str) -> Zone:
@@ -246,11 +386,11 @@ def _zone(raw: object, base_dir: str, where: str) -> Zone:
     try:
         if host is not None:
             if not isinstance(host, str) or not host:
-                raise ConfigError(f"expected a host path, got {host!r}", where="zone.host")
+                raise ConfigError(f"expected a host path, got {_got(host)}", where="zone.host")
             host = os.path.normpath(os.path.join(base_dir, os.path.expanduser(host)))
         mount = raw.get("mount", host)
         if not isinstance(mount, str):
-            raise ConfigError(f"expected a path inside the sandbox, got {mount!r}", where="zone.mount")
+            raise ConfigError(f"expected a path inside the sandbox, got {_got(mount)}", where="zone.mount")
         zone = Zone(host=host, mount=mount, mode=mode, size=size)
     except ConfigError as exc:
         field = (exc.where or "").removeprefix("zone.")
@@ -284,9 +424,14 @@ def _commands(raw: object, where: str) -> Commands:
     return _build(Commands, where, _table(raw, _COMMANDS_KEYS, f"{where}: commands"))
 
 
-def _limits(raw: object, where: str) -> Limits:
+def _limits(raw: object, where: str) -> tuple[Limits, list[str]]:
+    """The limits the table sets, and the names of those it lifts (`memory = "none"`)."""
+    fields = _table(raw, _LIMIT_KEYS, f"{where}: limits")
+    lifted = [key for key, value in fields.items() if value == NO_LIMIT]
+    for key in lifted:
+        del fields[key]
     # Limits takes sizes ("2G") and durations ("10m") itself.
-    return _build(Limits, where, _table(raw, _LIMIT_KEYS, f"{where}: limits"))
+    return _build(Limits, where, fields), lifted
 
 
 def _container(raw: object, where: str) -> Container:
@@ -297,5 +442,5 @@ def _env(raw: object, where: str) -> Env:
     fields = _table(raw, _ENV_KEYS, f"{where}: env")
     values = fields.get("set", {})
     if not isinstance(values, dict):
-        raise ConfigError(f"expected a table of NAME = value, got {values!r}", where=f"{where}: env.set")
+        raise ConfigError(f"expected a table of NAME = value, got {_got(values)}", where=f"{where}: env.set")
     return _build(Env, where, {"passthrough": fields.get("pass", ()), "values": values})

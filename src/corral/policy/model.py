@@ -24,6 +24,9 @@ ZONE_MODES = ("ro", "rw", "tmpfs")
 NET_MODES = ("none", "host", "allow")
 # Mount points a zone may never cover: the sandbox builds these itself.
 RESERVED_MOUNTS = ("/", "/proc", "/dev", "/sys")
+# The read-only system view and corral's own /etc: a zone there would replace them (a command finds no
+# shell, or the host's /etc with its secrets). A zone inside one of them is checked when resolved.
+SYSTEM_MOUNTS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
 # The variables a clean environment keeps; PATH and HOME are the sandbox's own, not the host's.
 BASE_ENV = ("PATH", "HOME", "LANG", "TERM", "TZ")
 SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -49,11 +52,11 @@ def _tuple_of_str(value: object, *, where: str) -> tuple[str, ...]:
     try:
         items: tuple[object, ...] = tuple(value)  # type: ignore[arg-type]
     except TypeError:
-        raise ConfigError(f"expected a list of strings, got {type(value).__name__}", where=where) from None
+        raise ConfigError(f"expected a list of strings, got {_describe(value)}", where=where) from None
     out: list[str] = []
     for i, item in enumerate(items):
         if not isinstance(item, str) or not item:
-            raise ConfigError(f"expected a non-empty string, got {item!r}", where=f"{where}[{i}]")
+            raise ConfigError(f"expected a non-empty string, got {_got(item)}", where=f"{where}[{i}]")
         out.append(item)
     return tuple(out)
 
@@ -62,7 +65,7 @@ def _optional_count(value: object, *, where: str, most: int, why: str) -> int | 
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"expected a whole number, got {value!r}", where=where)
+        raise ConfigError(f"expected a whole number, got {_describe(value)}{_unquote(value)}", where=where)
     if value <= 0:
         raise ConfigError(f"must be positive, got {value}", where=where)
     if value > most:
@@ -94,10 +97,26 @@ def _optional_duration(value: object, *, where: str) -> float | None:
     return seconds
 
 
+def _describe(value: object) -> str:
+    from corral.units import describe
+
+    return describe(value)
+
+
+def _unquote(value: object) -> str:
+    """A hint for a number written as a string (`cpus = "1.5"` in TOML)."""
+    return " (write the number without quotes)" if isinstance(value, str) else ""
+
+
+def _got(value: object) -> str:
+    """A value for a message: a string as itself, quoted; anything else as its type and text."""
+    return repr(value) if isinstance(value, str) else _describe(value)
+
+
 def normalize_mount(mount: object, *, where: str) -> str:
     """An absolute, normalized path inside the sandbox."""
     if not isinstance(mount, str) or not mount:
-        raise ConfigError(f"expected an absolute path, got {mount!r}", where=where)
+        raise ConfigError(f"expected an absolute path, got {_got(mount)}", where=where)
     if "\0" in mount:
         raise ConfigError("path contains a NUL byte", where=where)
     if not mount.startswith("/"):
@@ -119,11 +138,14 @@ class Zone(Record):
         self, *, mount: str, mode: ZoneMode = "ro", host: str | None = None, size: int | str | None = None
     ) -> None:
         if mode not in ZONE_MODES:
-            raise ConfigError(f"expected one of {', '.join(ZONE_MODES)}, got {mode!r}", where="zone.mode")
+            raise ConfigError(f"expected one of {', '.join(ZONE_MODES)}, got {_got(mode)}", where="zone.mode")
         mount = normalize_mount(mount, where="zone.mount")
         for reserved in RESERVED_MOUNTS:
             if mount == reserved or (reserved != "/" and mount.startswith(reserved + "/")):
                 raise ConfigError(f"{mount} is managed by the sandbox and cannot be a zone", where="zone.mount")
+        if mount in SYSTEM_MOUNTS:
+            raise ConfigError(f"{mount} is part of the sandbox's read-only system view and cannot be a zone "
+                              f"(mount the zone elsewhere)", where="zone.mount")  # fmt: skip
         if mode == "tmpfs":
             if host is not None:
                 raise ConfigError("a tmpfs zone has no host path", where="zone.host")
@@ -200,7 +222,7 @@ class Network(Record):
         upstream: str | None = None,
     ) -> None:
         if mode not in NET_MODES:
-            raise ConfigError(f"expected one of {', '.join(NET_MODES)}, got {mode!r}", where="network.mode")
+            raise ConfigError(f"expected one of {', '.join(NET_MODES)}, got {_got(mode)}", where="network.mode")
         allow_t = _tuple_of_str(allow, where="network.allow")
         allow_cidrs_t = _tuple_of_str(allow_cidrs, where="network.allow_cidrs")
         deny_cidrs_t = _tuple_of_str(deny_cidrs, where="network.deny_cidrs")
@@ -214,7 +236,7 @@ class Network(Record):
                 _check_cidr(cidr, where=f"network.{name}[{i}]")
         if upstream is not None and (not isinstance(upstream, str) or not upstream.startswith("http://")):
             raise ConfigError(
-                f"expected an HTTP proxy URL such as http://proxy:3128, got {upstream!r}", where="network.upstream"
+                f"expected an HTTP proxy URL such as http://proxy:3128, got {_got(upstream)}", where="network.upstream"
             )
         self._set(mode=mode, allow=allow_t, allow_cidrs=allow_cidrs_t, deny_cidrs=deny_cidrs_t, upstream=upstream)
 
@@ -339,10 +361,10 @@ class Limits(Record):
         file_size: int | str | None = None,
         open_files: int | None = None,
     ) -> None:
+        if cpus is not None and (isinstance(cpus, bool) or not isinstance(cpus, int | float)):
+            raise ConfigError(f"expected a number of CPUs, got {_describe(cpus)}{_unquote(cpus)}", where="limits.cpus")
         # `not MIN <= cpus <= MAX` also refuses nan and infinity.
-        if cpus is not None and (
-            isinstance(cpus, bool) or not isinstance(cpus, int | float) or not MIN_CPUS <= cpus <= MAX_CPUS
-        ):
+        if cpus is not None and not MIN_CPUS <= cpus <= MAX_CPUS:
             raise ConfigError(f"must be a number of CPUs from {MIN_CPUS} to {MAX_CPUS}, got {cpus!r}",
                               where="limits.cpus")  # fmt: skip
         memory = _optional_size(memory, where="limits.memory")
@@ -414,10 +436,10 @@ class Container(Record):
     def __init__(self, *, image: str | None = None, auto_pull: bool = False) -> None:
         if image is not None and (not isinstance(image, str) or not image or any(c.isspace() for c in image)):
             raise ConfigError(
-                f"expected an image name such as python:3.12-slim, got {image!r}", where="container.image"
+                f"expected an image name such as python:3.12-slim, got {_got(image)}", where="container.image"
             )
         if not isinstance(auto_pull, bool):
-            raise ConfigError(f"expected true or false, got {auto_pull!r}", where="container.auto_pull")
+            raise ConfigError(f"expected true or false, got {_describe(auto_pull)}", where="container.auto_pull")
         self._set(image=image, auto_pull=auto_pull)
 
 
@@ -477,14 +499,15 @@ class Policy(Record):
         if cwd is not None:
             cwd = normalize_mount(cwd, where="cwd")
         if isinstance(uid, bool) or not isinstance(uid, int) or not 0 <= uid < 65534:
-            raise ConfigError(f"expected a uid between 0 and 65533, got {uid!r}", where="uid")
+            got = uid if isinstance(uid, int) and not isinstance(uid, bool) else _describe(uid)
+            raise ConfigError(f"expected a uid between 0 and 65533, got {got}", where="uid")
         if (
             not isinstance(hostname, str)
             or not hostname
             or len(hostname) > 63
             or not all(c.isalnum() or c == "-" for c in hostname)
         ):
-            raise ConfigError(f"not a valid host name: {hostname!r}", where="hostname")
+            raise ConfigError(f"not a valid host name: {_got(hostname)}", where="hostname")
         self._set(
             zones=tuple(by_mount.values()),
             network=network if network is not None else Network(),

@@ -2,7 +2,9 @@
 
 The result, a `ResolvedPolicy`, holds absolute real host paths, the read-only system view, the
 minimal /etc and the final environment; backends see only it. Resolution fails with a
-`ConfigError` naming the zone when a host path is missing or a zone would expose the host's root.
+`ConfigError` naming the zone when a host path is missing, a zone would expose the host's root, or
+zones would not fit together: one that hides the working directory, a mount point inside a
+read-only zone or the system view that does not exist there (bubblewrap cannot create it).
 """
 
 from __future__ import annotations
@@ -219,6 +221,7 @@ def resolve(
     if not any(z.mount == home for z in zones):
         zones = (*zones, ResolvedZone(host=None, mount=home, mode="tmpfs", size=256 << 20))
 
+    _check_layout(policy, zones, host_cwd)
     env = policy.env.build(host_env, home=home)
     resolved = ResolvedPolicy(
         policy=policy,
@@ -251,6 +254,67 @@ def _resolve_zones(zones: tuple[Zone, ...], base_dir: str) -> list[ResolvedZone]
             raise ConfigError("refusing to make the host's root directory writable", where=where)
         out.append(ResolvedZone(host=real, mount=zone.mount, mode=zone.mode, size=None))
     return out
+
+
+def _check_layout(policy: Policy, zones: tuple[ResolvedZone, ...], host_cwd: str) -> None:
+    """Zones that would not fit together, refused before anything starts (zones: parents first)."""
+    names = {zone.mount: f"zones[{i}] ({zone.mount})" for i, zone in enumerate(policy.zones)}
+    kinds = {"ro": "read-only", "rw": "read-write", "tmpfs": "tmpfs"}
+    for zone in zones:
+        name = names.get(zone.mount, f"the sandbox's home ({zone.mount})")
+        # Mounted on a path of the read-only system view (the host's own, at the same path): it must exist there.
+        system = next((d for d in SYSTEM_DIRS if zone.mount.startswith(d + "/")), None)
+        if system is not None and policy.container.image is None and not os.path.exists(zone.mount):
+            raise ConfigError(f"{zone.mount} does not exist in the read-only system view ({system}), so nothing can "
+                              "be mounted there: mount the zone elsewhere", where=name)  # fmt: skip
+        # Mounted inside a read-only zone: the mount point must already exist in it.
+        for outer in zones:
+            if outer.mode != "ro" or outer.host is None or not zone.mount.startswith(outer.mount.rstrip("/") + "/"):
+                continue
+            inner = outer.host + zone.mount[len(outer.mount) :]
+            if not os.path.exists(inner):
+                raise ConfigError(
+                    f"this read-only zone (host {outer.host}) holds the mount point of {name}, but {inner} does not "
+                    "exist and a read-only zone cannot get new directories: mount one of them elsewhere",
+                    where=names.get(outer.mount, outer.mount),
+                )
+    if policy.cwd is not None:
+        return
+    # The working directory: the zone showing the host's current directory, and any zone mounted over it.
+    real_cwd = os.path.realpath(host_cwd)
+    shown = _cwd_zone(zones, real_cwd)
+    if shown is not None:
+        assert shown.host is not None
+        path = posixpath.normpath(shown.mount + real_cwd[len(shown.host) :])
+        for zone in zones:
+            if zone.mount.startswith(shown.mount.rstrip("/") + "/") and _within(path, zone.mount):
+                raise ConfigError(
+                    f"a {kinds[zone.mode]} zone at {zone.mount} hides the working directory {path} (the host's "
+                    f"{real_cwd}): move the zone, run from another directory, or set --cwd",
+                    where=names.get(zone.mount, zone.mount),
+                )
+    elif not any(zone.mode == "rw" for zone in zones):
+        for given in policy.zones:
+            if given.mount == real_cwd:
+                raise ConfigError(
+                    f"a {kinds[given.mode]} zone at {given.mount} replaces the working directory {real_cwd} (the "
+                    "workspace): move the zone, run from another directory, or set --cwd",
+                    where=names[given.mount],
+                )
+
+
+def _within(path: str, mount: str) -> bool:
+    return path == mount or path.startswith(mount.rstrip("/") + "/")
+
+
+def _cwd_zone(zones: tuple[ResolvedZone, ...], real_cwd: str) -> ResolvedZone | None:
+    """The host zone that shows `real_cwd` (the innermost host directory containing it)."""
+    best: ResolvedZone | None = None
+    for zone in zones:
+        inside = zone.host is not None and os.path.isdir(zone.host) and _within(real_cwd, zone.host)
+        if inside and (best is None or len(zone.host or "") > len(best.host or "")):
+            best = zone
+    return best
 
 
 def host_path(host: str, *, base_dir: str, where: str) -> str:
@@ -348,12 +412,7 @@ def _sandbox_cwd(policy: Policy, zones: tuple[ResolvedZone, ...], host_cwd: str)
     if policy.cwd is not None:
         return policy.cwd
     real_cwd = os.path.realpath(host_cwd)
-    best: ResolvedZone | None = None
-    for zone in zones:
-        if zone.host is not None and os.path.isdir(zone.host):
-            inside = real_cwd == zone.host or real_cwd.startswith(zone.host.rstrip("/") + "/")
-            if inside and (best is None or len(zone.host) > len(best.host or "")):
-                best = zone
+    best = _cwd_zone(zones, real_cwd)
     if best is not None and best.host is not None:
         rel = real_cwd[len(best.host) :]
         return posixpath.normpath(best.mount + rel) if rel else best.mount
