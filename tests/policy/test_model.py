@@ -237,3 +237,12 @@ def test_a_zone_cannot_replace_the_system_view(mount: str) -> None:
             zone()
     assert Zone.ro("/x", "/usr/local/src/project").mount == "/usr/local/src/project"  # inside: checked when resolved
     assert Zone.ro("/x", "/library").mount == "/library"
+
+
+@pytest.mark.parametrize("field, value", [("limits", {"memory": "1G"}), ("network", "host"), ("env", {"A": "b"}),
+                                          ("commands", {"deny": ["rm"]}), ("container", "python:3.12")])  # fmt: skip
+def test_a_part_of_the_wrong_type_is_refused_where_it_is_given(field: str, value: object) -> None:
+    with pytest.raises(ConfigError, match=rf"^{field}: expected a corral\.\w+, got {type(value).__name__} "):
+        Policy(**{field: value})  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=rf"^{field}: expected a corral\."):
+        Policy.workspace("/tmp").replace(**{field: value})

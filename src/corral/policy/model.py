@@ -508,6 +508,12 @@ class Policy(Record):
             or not all(c.isalnum() or c == "-" for c in hostname)
         ):
             raise ConfigError(f"not a valid host name: {_got(hostname)}", where="hostname")
+        parts = (("network", network, Network), ("commands", commands, Commands), ("limits", limits, Limits),
+                 ("env", env, Env), ("container", container, Container))  # fmt: skip
+        for field, value, kind in parts:
+            if value is not None and not isinstance(value, kind):  # a dict would fail later, far from here
+                raise ConfigError(f"expected a corral.{kind.__name__}, got {type(value).__name__} {value!r:.60} "
+                                  f"(write corral.{kind.__name__}(...))", where=field)  # fmt: skip
         self._set(
             zones=tuple(by_mount.values()),
             network=network if network is not None else Network(),
