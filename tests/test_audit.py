@@ -143,3 +143,45 @@ def test_one_shot_run_logs_start_and_stop(policy: corral.Policy, tmp_path: Path,
     assert kinds == ["sandbox.start", "exec", "sandbox.stop", "decision", "exec"], kinds
     assert events[1]["argv"] == ["env", "GITHUB_TOKEN=***", "true"]
     assert events[0]["sandbox"] == events[2]["sandbox"] != events[3]["sandbox"]
+
+
+@pytest.mark.usefixtures("namespace_ok")
+def test_an_audit_log_in_a_writable_zone_is_refused(workdir: Path, tmp_path: Path) -> None:
+    """The sandboxed command could rewrite a log in its own read-write zone: erase the earlier events, forge others."""
+    policy = corral.Policy.workspace(str(workdir))
+    inside = workdir / "logs"
+    inside.mkdir()
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(inside / "a.jsonl")  # outside by its name, inside by where it leads
+    for path in (workdir / "a.jsonl", inside / "a.jsonl", str(workdir), link):
+        with pytest.raises(ConfigError, match=rf"^audit: {path} is inside the read-write zone {workdir}: .*rewrite"):
+            corral.run(["true"], policy=policy, audit=path)
+        with pytest.raises(ConfigError, match=rf"^audit: {path} is inside the read-write zone {workdir}"):
+            corral.Sandbox(policy, audit=path)
+    assert sorted(p.name for p in workdir.iterdir()) == ["logs"] and not list(inside.iterdir())
+    # A read-only zone, a zone mounted elsewhere and an AuditLog the caller opened are fine.
+    data = tmp_path / "data"
+    data.mkdir()
+    ro = policy.with_zones(corral.Zone.ro(str(data), "/data"))
+    assert corral.run(["true"], policy=ro, audit=data / "a.jsonl").ok
+    rw = policy.with_zones(corral.Zone.rw(str(data), "/data"))
+    with pytest.raises(ConfigError, match=rf"inside the read-write zone {data} \(mounted at /data\)"):
+        corral.run(["true"], policy=rw, audit=str(data / "b.jsonl"))
+    with AuditLog(str(workdir / "mine.jsonl")) as log:
+        assert corral.run(["true"], policy=policy, audit=log).ok
+
+
+def test_an_audit_path_that_cannot_be_opened_is_a_config_error(tmp_path: Path) -> None:
+    """It was an OSError (a traceback at the command line), and a missing directory was created."""
+    missing = tmp_path / "no" / "such" / "dir" / "a.jsonl"
+    long = tmp_path / ("x" * 300)
+    (tmp_path / "project").mkdir()
+    policy = corral.Policy.workspace(str(tmp_path / "project"))
+    for path, reason in ((tmp_path, "Is a directory"), (missing, "No such file or directory"),
+                         (long, "File name too long"), (f"{tmp_path}/a\0b", "embedded null byte")):  # fmt: skip
+        with pytest.raises(ConfigError) as info:
+            AuditLog(str(path))
+        assert str(info.value) == f"audit: cannot open {path}: {reason}"
+        with pytest.raises(ConfigError, match="^audit: cannot open "):
+            corral.run(["true"], policy=policy, backend="process", allow_weaker=True, audit=path)
+    assert not (tmp_path / "no").exists()

@@ -16,7 +16,9 @@ import time
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Mapping, Sequence
+    from collections.abc import Iterable, Iterator, Mapping, Sequence
+
+    from corral.policy.resolve import ResolvedZone
 
 _SECRET_WORDS = ("TOKEN", "SECRET", "PASSWORD", "PASSWD", "KEY", "CREDENTIAL", "AUTH", "COOKIE", "SESSION")
 # Ordinary names that merely contain a secret word (GIT_AUTHOR_NAME, TOKENIZERS_PARALLELISM).
@@ -117,19 +119,50 @@ def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
 
 
+def check_outside_zones(path: str | os.PathLike[str], zones: Iterable[ResolvedZone], *, where: str = "audit") -> None:
+    """A `ConfigError` at `where` when the audit file `path` lies in one of `zones` that is
+    read-write: the sandboxed command could then rewrite or forge the log. Both the path as given
+    and the file it leads to (through symlinks) are checked; a tmpfs zone holds no host file."""
+    given = os.fspath(path)
+    absolute = os.path.abspath(os.path.expanduser(given))
+    seen = {absolute}
+    try:
+        seen.add(os.path.realpath(absolute))
+    except ValueError:  # a NUL byte: AuditLog says it cannot open the file
+        pass
+    for zone in zones:
+        host = zone.host
+        if zone.mode != "rw" or not host:
+            continue
+        if any(p == host or p.startswith(host.rstrip("/") + "/") for p in seen):
+            from corral.errors import ConfigError
+
+            at = "" if zone.mount == host else f" (mounted at {zone.mount})"
+            raise ConfigError(f"{given} is inside the read-write zone {host}{at}: the sandboxed command could "
+                              "rewrite the log; put it outside every writable zone", where=where)  # fmt: skip
+
+
 class AuditLog:
     """Appends events to a JSON-lines file (created 0600). Thread-safe; cheap when unused.
 
     `close()` releases the descriptor; a later `write` still appends its line (through a
-    descriptor of its own, closed at once): an audit log never drops an event, and a write never
-    raises on account of it (backends report events from their own threads)."""
+    descriptor of its own, closed at once): an audit log never drops an event, and a closed log
+    is no reason for a write to fail (backends report events from their own threads). A write the
+    file refuses (a full disk) raises `CorralError` rather than lose the event in silence."""
 
-    def __init__(self, path: str) -> None:
-        self.path = os.path.abspath(os.path.expanduser(path))
-        directory = os.path.dirname(self.path)
-        if directory:
-            os.makedirs(directory, exist_ok=True)
-        self._fd = self._open()
+    def __init__(self, path: str | os.PathLike[str], *, where: str = "audit") -> None:
+        """Opens (or creates) the file now; its directory must exist. A path that cannot be opened
+        is a `ConfigError` at `where` (the flag or key that named it) saying why."""
+        given = os.fspath(path)
+        self.path = os.path.abspath(os.path.expanduser(given))
+        self._where = where
+        try:
+            self._fd = self._open()
+        except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the name
+            from corral.errors import ConfigError
+
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise ConfigError(f"cannot open {given}: {reason}", where=where) from None
         self._lock = threading.Lock()
 
     def _open(self) -> int:
@@ -140,15 +173,20 @@ class AuditLog:
 
         record = {"time": now_iso(), "event": event, **fields}
         line = (json.dumps(record, default=str, separators=(",", ":")) + "\n").encode()
-        with self._lock:
-            if self._fd >= 0:
-                os.write(self._fd, line)
-                return
-        fd = self._open()
         try:
-            os.write(fd, line)
-        finally:
-            os.close(fd)
+            with self._lock:
+                if self._fd >= 0:
+                    os.write(self._fd, line)
+                    return
+            fd = self._open()
+            try:
+                os.write(fd, line)
+            finally:
+                os.close(fd)
+        except OSError as exc:  # a file that opens but refuses writes (/proc/version), a full disk
+            from corral.errors import CorralError
+
+            raise CorralError(f"{self._where}: cannot write {self.path}: {exc.strerror}") from None
 
     def close(self) -> None:
         with self._lock:

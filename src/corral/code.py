@@ -105,7 +105,7 @@ def execute_code(
             raise ConfigError(f"code longer than {MAX_ARG} bytes is passed on stdin, so it cannot take input too",
                               where="code")  # fmt: skip
         argv, stdin = ["python3", "-", *args], code.encode()
-    log, own = _open_audit(audit)
+    log, own = _open_audit(audit, rp)
     sandbox_id = new_id()
     guard = _Guard(rp, sandbox_id=sandbox_id, backend=chosen.name, audit=log, approver=approver, weaker=weaker)
     try:

@@ -59,14 +59,21 @@ def _resolve(policy: Policy | ResolvedPolicy | None) -> ResolvedPolicy:
     return resolve(policy)
 
 
-def _open_audit(audit: AuditLog | str | os.PathLike[str] | None) -> tuple[AuditLog | None, bool]:
-    from corral.audit import AuditLog
+def _open_audit(
+    audit: AuditLog | str | os.PathLike[str] | None, rp: ResolvedPolicy | None = None
+) -> tuple[AuditLog | None, bool]:
+    """(the log, whether we opened it). A path is refused (ConfigError at "audit") when it lies in a
+    read-write zone of `rp`, where the command could rewrite the log, or cannot be opened; an
+    AuditLog the caller opened is the caller's business."""
+    from corral.audit import AuditLog, check_outside_zones
 
     if audit is None or isinstance(audit, AuditLog):
         return audit, False
     if not isinstance(audit, str | os.PathLike):
         raise TypeError(f"audit must be an AuditLog or a file path, not {type(audit).__name__}")
-    return AuditLog(os.fspath(audit)), True
+    if rp is not None:
+        check_outside_zones(audit, rp.zones, where="audit")
+    return AuditLog(audit, where="audit"), True
 
 
 class _Guard:
@@ -285,7 +292,7 @@ class Sandbox:
         self.weaker = check_supported(self.capabilities, self.rp, allow_weaker=allow_weaker)
         if self.weaker:
             self.rp = without_unenforced_limits(self.capabilities, self.rp)
-        self.audit, self._own_audit = _open_audit(audit)
+        self.audit, self._own_audit = _open_audit(audit, self.rp)
         self._guard = _Guard(self.rp, sandbox_id=self.id, backend=self.backend, audit=self.audit, approver=approver,
                              weaker=self.weaker, live=True)  # fmt: skip
         self._live: LiveSandbox | None = None
@@ -452,7 +459,7 @@ def run(
     check: bool = False,
     min_backend: str | None = None,
     allow_weaker: bool = False,
-    audit: AuditLog | str | None = None,
+    audit: AuditLog | str | os.PathLike[str] | None = None,
     approver: Approver | None = None,
     on_output: OutputCallback | None = None,
 ) -> Result:
@@ -478,7 +485,7 @@ def run(
     weaker = check_supported(caps, rp, allow_weaker=allow_weaker)
     if weaker:
         rp = without_unenforced_limits(caps, rp)
-    log, own = _open_audit(audit)
+    log, own = _open_audit(audit, rp)
     sandbox_id = new_id()
     guard = _Guard(rp, sandbox_id=sandbox_id, backend=chosen.name, audit=log, approver=approver, weaker=weaker)
     try:

@@ -99,3 +99,10 @@ def test_the_cli_names_a_command_that_could_not_start_once(tmp_path: object) -> 
 
     r = corral_cli("run", "--pids", "1", "--", "true", cwd=str(tmp_path))
     assert r.returncode == 126 and r.stderr == b"corral: true: not started, the pids limit (1) was reached\n", r
+
+
+def test_a_small_file_size_limit_binds_the_command_not_the_sandbox_s_set_up(policy: corral.Policy) -> None:
+    # bubblewrap writes the sandbox's /etc files (ld.so.cache is ~100K) before the limit is set.
+    r = corral.run(["sh", "-c", "head -c 20000 /dev/zero > /tmp/x"], policy=policy.with_limits(file_size="10K"),
+                   backend="namespace")  # fmt: skip
+    assert r.reason == "file_size" and "file size limit 10K" in r.detail, r

@@ -32,3 +32,17 @@ def test_doctor_checks_only_the_backends_named() -> None:
     assert b"among process, landlock" in table.stdout or b"None of" in table.stdout, table.stdout
     bad = corral_cli("doctor", "warp")
     assert bad.returncode == 2 and b"unknown backend 'warp'" in bad.stderr and not bad.stdout
+
+
+def test_doctor_usage_errors_are_one_line_and_auto_is_understood() -> None:
+    """`doctor auto` said "unknown backend 'auto'; expected auto or one of ..."; `--jsn` printed
+    argparse's usage and message on two lines."""
+    r = corral_cli("doctor", "--jsn")
+    assert r.returncode == 2 and not r.stdout
+    assert r.stderr.decode() == "corral: doctor: unrecognized arguments: --jsn (see corral doctor --help)\n"
+    r = corral_cli("doctor", "--json", "auto")
+    data = json.loads(r.stdout)
+    assert data["checked"] == ["namespace", "landlock"], data
+    bad = corral_cli("doctor", "warp", "auto")
+    assert bad.returncode == 2 and len(bad.stderr.splitlines()) == 1 and not bad.stdout
+    assert bad.stderr.startswith(b"corral: doctor: unknown backend 'warp'; expected one of process, "), bad.stderr

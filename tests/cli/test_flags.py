@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -84,3 +86,58 @@ def test_a_config_named_outside_the_project_does_not_move_the_workspace(workdir:
     r = corral_cli("run", "--config", str(policies / "p.toml"), "--", "sh", "-c", script, cwd=workdir)
     assert r.stdout.decode().splitlines() == [str(workdir), "mine.txt"], r
     assert r.returncode != 0 and not (policies / "planted").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["--image", "python:3.12"], "corral: --image: applies only to the docker and gvisor backends, which auto "
+                                     "never picks (add --backend docker or gvisor)"),
+        (["--backend", "landlock", "--image", "python:3.12"],
+         "corral: --image: applies only to the docker and gvisor backends, not landlock"),
+        (["--min-backend", "landlock", "--backend", "process"],
+         "corral: --backend: 'process' is weaker than the required minimum 'landlock' (--min-backend)"),
+        (["--min-backend", "microvm"], "corral: --min-backend: auto picks only among namespace, landlock, none as "
+                                       "strong as 'microvm'; name one that is: --backend microvm"),
+        (["--config", "/nonexistent-corral.toml", "--no-config"],
+         "corral: --no-config: conflicts with --config /nonexistent-corral.toml"),
+    ],
+)  # fmt: skip
+def test_flags_that_were_ignored_or_misreported(tmp_path: Path, args: list[str], line: str) -> None:
+    """--image was ignored by the namespace and landlock backends, --config beside --no-config used
+    anyway; --min-backend said `backend: backend 'process'`, and 'no backend is at least as strong as
+    microvm' where microvm works but auto never picks it."""
+    r = corral_cli("run", *args, "--", "true", cwd=tmp_path)
+    assert one_error(r).startswith(line)
+
+
+def test_an_env_name_not_set_on_the_host_is_warned_about(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "CORRAL_QA_UNSET"}
+    r = subprocess.run([sys.executable, "-m", "corral", "run", "--no-config", "--backend", "process", "--allow-weaker",
+                        "--env", "CORRAL_QA_UNSET", "--env", "HOME", "--", "true"], cwd=tmp_path, env=env,
+                       capture_output=True, check=False)  # fmt: skip
+    assert r.returncode == 0, r
+    assert b"corral: warning: --env CORRAL_QA_UNSET: not set on the host, not passed\n" in r.stderr
+    assert b"--env HOME" not in r.stderr
+
+
+def test_run_help_names_every_backend() -> None:
+    from corral.backends.registry import known_backends
+
+    text = corral_cli("run", "--help").stdout.decode()
+    line = next(line for line in text.splitlines() if line.strip().startswith("--backend"))
+    assert all(name in line for name in known_backends()), line
+
+
+def test_json_answers_on_stdout_when_nothing_runs(tmp_path: Path) -> None:
+    """Scripts that parse stdout got nothing when corral failed before the command."""
+    for args, code in ((["--frobnicate"], 2), (["--memory", "1k"], 2), (["--backend", "warp"], 2)):
+        r = corral_cli("run", "--json", *args, "--", "true", cwd=tmp_path)
+        data = json.loads(r.stdout)
+        assert r.returncode == code == data["exit"] and data["error"] in r.stderr.decode(), r
+
+
+@pytest.mark.parametrize("flag", ["--uid", "--pids", "--open-files", "--cpus"])
+def test_number_flags_take_ascii_digits_only(flag: str, tmp_path: Path) -> None:
+    r = corral_cli("run", flag, "\uff10" if flag == "--uid" else "\uff15", "--", "true", cwd=tmp_path)
+    assert r.returncode == 2 and f"corral: {flag}: expected a".encode() in r.stderr, r.stderr

@@ -189,3 +189,61 @@ def test_a_reader_that_stops_early_gets_no_traceback(workdir: Path) -> None:
     err = proc.stderr.read()
     assert proc.wait(timeout=60) == 141, err
     assert b"Traceback" not in err, err
+
+
+# bubblewrap fails building the sandbox after it reported the sandbox's pid, and corral comes late:
+# `late` attaches / limits / releases the sandbox only once its process ended (a zombie, or reaped).
+_LOST_RACE = """
+import sys, time
+import corral.backends.namespace.launch as launch
+from corral.cli.main import main
+
+mode, real_argv, real_limits = sys.argv[1], launch.bwrap_argv, launch.set_rlimits
+
+def failing_argv(path, *args, **kwargs):
+    argv = real_argv(path, *args, **kwargs)
+    return [argv[0], "--ro-bind", "/nonexistent-corral-race", "/corral-race", *argv[1:]]
+
+def late(pid, limits):
+    while True:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                if mode == "zombie" and f.read().rpartition(b")")[2].split()[0] in (b"Z", b"X"):
+                    break
+        except FileNotFoundError:
+            break
+        time.sleep(0.001)
+    real_limits(pid, limits)
+
+launch.bwrap_argv, launch.set_rlimits = failing_argv, late
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("mode", ["zombie", "reaped"])
+@pytest.mark.parametrize("flags", [[], ["--output", "1M"], ["--json"]])
+def test_a_start_up_failure_says_bubblewraps_message_once(workdir: Path, mode: str, flags: list[str]) -> None:
+    """Releasing a sandbox that had already failed met EPIPE (or, attaching or limiting it, ESRCH):
+    `corral: cannot start the sandbox: [Errno 32] Broken pipe`, bubblewrap's message lost when the
+    output was captured. With --json stdout was empty."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _LOST_RACE, mode, "run", *flags, "--", "true"], cwd=workdir,
+                       capture_output=True, timeout=60, check=False)  # fmt: skip
+    said = "bwrap: Can't find source path /nonexistent-corral-race: No such file or directory"
+    assert r.returncode == 125, r
+    assert b"Errno" not in r.stderr and r.stderr.decode().count(said) == 1, r.stderr
+    if flags == ["--json"]:
+        assert json.loads(r.stdout) == {"error": f"the sandbox failed to start: {said}", "exit": 125}
+        assert r.stderr.decode() == f"corral: the sandbox failed to start: {said}\n"
+    else:  # bubblewrap's own stderr reached the terminal (directly, or forwarded)
+        assert r.stderr.decode() == f"{said}\ncorral: the sandbox failed to start: see the messages above\n"
+
+
+def test_a_command_name_that_is_not_utf8_is_not_found(workdir: Path) -> None:
+    """It was a UnicodeEncodeError traceback."""
+    r = corral_cli("run", "--", os.fsdecode(b"ech\xffo"), "x", cwd=workdir)
+    assert r.returncode == 127 and r.stderr == b"corral: ech\\xffo: command not found\n", r
+    r = corral_cli("run", "--json", "--", os.fsdecode(b"ech\xffo"), "x", cwd=workdir)
+    assert r.returncode == 127 and json.loads(r.stdout)["detail"] == "ech\\xffo: command not found", r

@@ -121,6 +121,8 @@ def not_started(
     too, where a shell's would appear."""
     code = 127 if errno_ == 2 and what == "command" else 126
     reason: Reason = "exited"
+    # A name that is not UTF-8 (bytes kept as surrogates, as os.fsdecode does) is shown escaped: ech\xffo.
+    subject = subject.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     if what == "command" and errno_ == EAGAIN and pids_limit is not None:
         message = f"corral: {subject}: not started, the pids limit ({pids_limit}) was reached"
         reason = "pids"

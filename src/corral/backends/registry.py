@@ -58,7 +58,7 @@ def choose(name: str = "auto", *, min_backend: str | None = None, fresh: bool = 
     floor = strength_of(min_backend) if min_backend else -1
     if name != "auto":
         if strength_of(name) < floor:
-            raise ConfigError(f"backend {name!r} is weaker than the required minimum {min_backend!r}", where="backend")
+            raise ConfigError(f"{name!r} is weaker than the required minimum {min_backend!r}", where="backend")
         backend = create(name)
         caps = probe(backend, fresh=fresh)
         if not caps.available:
@@ -73,8 +73,10 @@ def choose(name: str = "auto", *, min_backend: str | None = None, fresh: bool = 
         if caps.available:
             return backend, caps
         reasons.append(f"{candidate}: {caps.reason}" + (f" (fix: {caps.fix})" if caps.fix else ""))
-    detail = "; ".join(reasons) or f"no backend is at least as strong as {min_backend!r}"
-    raise BackendUnavailable("auto", f"no sandbox backend works here: {detail}")
+    if not reasons:  # nothing auto picks from is strong enough: the caller must name the backend
+        raise ConfigError(f"auto picks only {' or '.join(AUTO_ORDER)}, none as strong as {min_backend!r}: name "
+                          f"the backend ({min_backend!r} or stronger)", where="min_backend")  # fmt: skip
+    raise BackendUnavailable("auto", f"no sandbox backend works here: {'; '.join(reasons)}")
 
 
 def probe(backend: Backend, *, fresh: bool = False) -> Capabilities:

@@ -4,16 +4,34 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import NoReturn
+
+from corral.errors import ConfigError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One `corral: doctor: ...` line, as every corral error, not argparse's usage and message.
+        raise ConfigError(f"{message} (see corral doctor --help)", where="doctor")
 
 
 def doctor_command(args: list[str]) -> int:
     about = "Which sandbox backends work on this host; each is checked by starting a real sandbox (microvm boots a VM)."
-    parser = argparse.ArgumentParser(prog="corral doctor", description=about)
-    parser.add_argument("backends", nargs="*", metavar="BACKEND", help="check only these (default: all)")
+    parser = _Parser(prog="corral doctor", description=about)
+    parser.add_argument("backends", nargs="*", metavar="BACKEND",
+                        help="check only these (default: all; auto: those auto picks from)")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
     opts = parser.parse_args(args)
+    from corral.backends.registry import AUTO_ORDER, known_backends
     from corral.doctor import auto_choice, host_facts, probe_all
 
+    names: list[str] = []
+    for name in opts.backends:
+        if name not in (*known_backends(), "auto"):
+            raise ConfigError(f"unknown backend {name!r}; expected one of {', '.join(known_backends())}, or auto "
+                              f"(the backends auto picks from: {', '.join(AUTO_ORDER)})", where="doctor")  # fmt: skip
+        names += [n for n in (AUTO_ORDER if name == "auto" else (name,)) if n not in names]
+    opts.backends = names
     caps = probe_all(opts.backends)
     facts = host_facts()
     chosen = auto_choice(caps)

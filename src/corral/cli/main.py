@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from corral.errors import EXIT_CORRAL_FAILURE, EXIT_USAGE, ConfigError, CorralError
+from corral.errors import EXIT_CORRAL_FAILURE, EXIT_USAGE, ConfigError, CorralError, LaunchError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -27,8 +27,8 @@ EXIT_TIMEOUT = 124
 
 # flag -> (metavar or None for a switch, repeatable, help). The single source for parsing and --help.
 RUN_FLAGS: dict[str, tuple[str | None, bool, str]] = {
-    "--backend": ("NAME", False, "auto (default), namespace, landlock, process, docker or gvisor"),
-    "--min-backend": ("NAME", False, "refuse any backend weaker than NAME"),
+    "--backend": ("NAME", False, "auto (default), namespace, landlock, process, wasm, docker, gvisor or microvm"),
+    "--min-backend": ("NAME", False, "refuse any backend weaker than NAME (auto picks only namespace or landlock)"),
     "--allow-weaker": (None, False, "accept a backend that cannot enforce every part of the policy"),
     "--profile": ("NAME", False, "strict, workspace (default), fs_safe, net_safe or dev"),
     "--config": ("FILE", False, "a policy file; the workspace stays the current dir (default: nearest corral.toml)"),
@@ -174,7 +174,7 @@ Run an AI agent's commands inside a sandbox.
 commands:
   run [FLAGS] -- CMD ARGS...   run one command in a fresh sandbox (corral run --help)
   run-code [FLAGS] FILE.py     run Python code in a fresh sandbox (corral run-code --help)
-  doctor [--json]              which backends work here, and why not
+  doctor [BACKEND...] [--json] which backends work here, and why not
   audit FILE [FILTERS]         read an audit log (corral audit --help)
   session COMMAND ...          persistent workspaces: copy-in, tools, diff, rollback, sync (corral session --help)
   mcp [--project DIR] [...]    serve a sandboxed session's tools to an MCP client (corral mcp --help)
@@ -265,6 +265,9 @@ def build_policy(
 
             _at(flag, strength_of, name)
     config_path, search = _opt(opts, "--config"), not opts.get("--no-config")
+    if config_path is not None and not search:
+        raise ConfigError(f"conflicts with --config {config_path} (ignore config files, or use that one?)",
+                          where="--no-config")  # fmt: skip
     if workspace is not None and config_path is None and search:
         config_path, search = find_config(workspace), False
     config = load_config(config_path, profile=profile, workspace=workspace, search=search)
@@ -303,6 +306,8 @@ def build_policy(
             if eq:
                 values[name] = value
             else:
+                if name not in os.environ:
+                    _error(f"warning: --env {name}: not set on the host, not passed")
                 passthrough.append(name)
         policy = policy.replace(env=_at("--env", Env, passthrough=passthrough, values=values))
     allow, deny, ask = _list(opts, "--allow-command"), _list(opts, "--deny-command"), _list(opts, "--ask-command")
@@ -320,7 +325,43 @@ def build_policy(
     if "--image" in opts:
         policy = policy.replace(container=_at("--image", policy.container.replace, image=_opt(opts, "--image")))
     backend = _opt(opts, "--backend") or config.backend
-    return policy, backend, _opt(opts, "--min-backend") or config.min_backend, _opt(opts, "--audit") or config.audit
+    min_backend = _opt(opts, "--min-backend") or config.min_backend
+    where = {flag: flag if flag in opts else f"{config.source or 'config'}: {key}"
+             for flag, key in (("--backend", "backend"), ("--min-backend", "min_backend"))}  # fmt: skip
+    _check_backends(backend, min_backend, where)
+    if "--image" in opts and backend not in _CONTAINER_BACKENDS:
+        why = f"not {backend}" if backend and backend != "auto" else "which auto never picks"
+        raise ConfigError(f"applies only to the docker and gvisor backends, {why} (add --backend docker or gvisor)",
+                          where="--image")  # fmt: skip
+    if opts.get("--audit") == "":
+        raise ConfigError("needs a file name", where="--audit")
+    return policy, backend, min_backend, _opt(opts, "--audit") or config.audit
+
+
+_CONTAINER_BACKENDS = ("docker", "gvisor")
+
+
+def _check_backends(backend: str | None, min_backend: str | None, where: dict[str, str]) -> None:
+    """--backend against --min-backend, said here at the flags (the registry would say it at "backend")."""
+    if not min_backend or not backend or backend == "auto":
+        return
+    from corral.backends.registry import strength_of
+
+    if _at(where["--backend"], strength_of, backend) < _at(where["--min-backend"], strength_of, min_backend):
+        raise ConfigError(f"{backend!r} is weaker than the required minimum {min_backend!r} "
+                          f"({where['--min-backend']})", where=where["--backend"])  # fmt: skip
+
+
+def _check_auto_reaches(min_backend: str, where: str) -> None:
+    """`corral run`'s auto picks only the general-purpose backends: a stronger minimum needs one named
+    (the registry would say "no backend is at least as strong", where doctor says that one works)."""
+    from corral.backends.registry import AUTO_ORDER, BACKENDS, strength_of
+
+    floor = strength_of(min_backend)
+    if all(strength_of(name) < floor for name in AUTO_ORDER):
+        stronger = [name for name, (_, _, strength) in BACKENDS.items() if strength >= floor]
+        raise ConfigError(f"auto picks only among {', '.join(AUTO_ORDER)}, none as strong as {min_backend!r}; "
+                          f"name one that is: --backend {' | '.join(stronger)}", where=where)  # fmt: skip
 
 
 _LIMIT_FLAGS = (
@@ -388,23 +429,43 @@ def _list(opts: dict[str, object], name: str) -> list[str]:
 
 
 def _number(text: str, flag: str, *, integer: bool) -> float:
-    try:
-        value = int(text) if integer else float(text)
-    except ValueError:
-        raise ConfigError(f"expected a {'whole ' if integer else ''}number, got {text!r}", where=flag) from None
+    from corral.units import parse_number
+
+    value = parse_number(text, where=flag, integer=integer)  # ASCII digits only: a fullwidth zero was uid 0
     if value <= 0 and flag != "--uid":
         raise ConfigError(f"must be positive, got {text}", where=flag)
     return value
 
 
 def run_command(args: list[str]) -> int:
-    opts, command = parse_run_args(args)
+    try:
+        opts, command = parse_run_args(args)
+    except CorralError as exc:
+        if "--json" in (args[: args.index("--")] if "--" in args else args):
+            _json_error(exc)
+        raise
     if opts.get("--help"):
         print(run_help())
         return 0
     if not command:
         _error("no command given (corral run [FLAGS] -- CMD ARGS...)")
         return EXIT_USAGE
+    try:
+        return _run(opts, command)
+    except CorralError as exc:
+        # Scripts that parse stdout get an answer too; the one line on stderr is main's.
+        if opts.get("--json"):
+            _json_error(exc)
+        raise
+
+
+def _json_error(exc: CorralError) -> None:
+    import json
+
+    print(json.dumps({"error": str(exc).removeprefix("corral "), "exit": exc.exit_code}, indent=2))  # as _error says it
+
+
+def _run(opts: dict[str, object], command: list[str]) -> int:
     _prefetch_cgroup_attach(opts)
     from corral.backends import registry
     from corral.backends.base import check_supported, without_unenforced_limits
@@ -412,6 +473,8 @@ def run_command(args: list[str]) -> int:
     from corral.sandbox import _Guard, new_id
 
     policy, backend_name, min_backend, audit_path = build_policy(opts)
+    if min_backend and backend_name in (None, "auto"):
+        _check_auto_reaches(min_backend, "--min-backend" if "--min-backend" in opts else "min_backend")
     rp = resolve(policy)  # type: ignore[arg-type]
     backend, caps = registry.choose(backend_name or "auto", min_backend=min_backend)
     weaker = check_supported(caps, rp, allow_weaker=bool(opts.get("--allow-weaker")))
@@ -420,9 +483,11 @@ def run_command(args: list[str]) -> int:
         rp = without_unenforced_limits(caps, rp)
     audit = None
     if audit_path:
-        from corral.audit import AuditLog
+        from corral.audit import AuditLog, check_outside_zones
 
-        audit = AuditLog(audit_path)
+        where = "--audit" if "--audit" in opts else "audit"
+        check_outside_zones(audit_path, rp.zones, where=where)
+        audit = AuditLog(audit_path, where=where)
     sandbox_id = new_id()
     guard = _Guard(rp, sandbox_id=sandbox_id, backend=backend.name, audit=audit, approver=None, weaker=weaker)
     try:
@@ -431,10 +496,14 @@ def run_command(args: list[str]) -> int:
             as_json = bool(opts.get("--json"))
             # Output goes straight to our stdout/stderr unless it must be captured or counted.
             output = None if (as_json or rp.limits.output is not None) else (1, 2)
-            forward = None if as_json else _forward
-            result = backend.run(
-                rp, command, sandbox_id=sandbox_id, stdin=0, output=output, on_output=forward, events=guard.emit
-            )
+            shown = bytearray()  # the start of the stderr forwarded, which may hold bubblewrap's message
+            forward = None if as_json else _forwarder(shown)
+            try:
+                result = backend.run(
+                    rp, command, sandbox_id=sandbox_id, stdin=0, output=output, on_output=forward, events=guard.emit
+                )
+            except LaunchError as exc:
+                raise _said_once(exc, shown) from exc.__cause__
         guard.record_exec(command, rp.cwd, result)
     finally:
         guard.finish()  # the sandbox.stop of a run that raised
@@ -459,6 +528,27 @@ def _forward(stream: str, chunk: bytes) -> None:
     out = sys.stdout.buffer if stream == "stdout" else sys.stderr.buffer
     out.write(chunk)
     out.flush()
+
+
+def _forwarder(shown: bytearray) -> Callable[[str, bytes], None]:
+    """`_forward`, keeping the first 64 KiB of stderr in `shown`."""
+
+    def forward(stream: str, chunk: bytes) -> None:
+        if stream == "stderr" and len(shown) < 65536:
+            shown.extend(chunk[: 65536 - len(shown)])
+        _forward(stream, chunk)
+
+    return forward
+
+
+def _said_once(exc: LaunchError, shown: bytes | bytearray) -> LaunchError:
+    """A start-up failure whose message quotes bubblewrap's stderr, which the user saw already as
+    it was forwarded: point at it rather than say it twice (as when stderr is not captured)."""
+    said = shown.decode(errors="replace").strip()
+    text = str(exc)
+    if said and text.endswith(f": {said}"):
+        return LaunchError(f"{text[: -len(said)]}see the messages above")
+    return exc
 
 
 def _report(result: Result, backend: str, sandbox_id: str, *, as_json: bool) -> int:

@@ -7,6 +7,7 @@ lower its rlimits, and let it go on, so not one instruction of the command runs 
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 import sys
@@ -323,15 +324,25 @@ def launch(
         import resource  # noqa: F401
 
         sandbox_pid = _read_child_pid(status_r, monitor)
-        if cgroup is not None and not by_thread:
-            cgroup.attach(sandbox_pid)
         controllers = host.controllers if cgroup is not None and host is not None else frozenset()
         rlimits = rlimits_for(rp, controllers, own_userns=True, agent=as_pid_1)  # pid 1 is corral's agent
-        if "RLIMIT_NOFILE" in rlimits:
-            # Lowered while bubblewrap still sets up, the limit would fail its own opens (EMFILE).
-            wait_until_blocked(sandbox_pid, block_r)
-        set_rlimits(sandbox_pid, rlimits)
-        os.write(block_w, b"1")
+        try:
+            if cgroup is not None and not by_thread:
+                cgroup.attach(sandbox_pid)
+            if "RLIMIT_NOFILE" in rlimits or "RLIMIT_FSIZE" in rlimits:
+                # Lowered while bubblewrap still sets up, these would fail its own opens (EMFILE) and
+                # its writes of the sandbox's /etc files (EFBIG: ld.so.cache is ~100K).
+                wait_until_blocked(sandbox_pid, block_r)
+            set_rlimits(sandbox_pid, rlimits)
+            os.write(block_w, b"1")
+        except OSError as exc:
+            # bubblewrap reports the pid, then builds the sandbox's filesystem while we get here: a
+            # mount that fails there ends the sandbox, and attaching it (ESRCH), limiting it (ESRCH)
+            # or releasing it (EPIPE: no reader is left) fails. The sandbox is gone, never released:
+            # its start failed as if we had been quicker, and bubblewrap's own message (on `stdio`,
+            # where the caller reads it) says why. Any other failure is ours.
+            if exc.errno not in (errno.ESRCH, errno.EPIPE) or not _sandbox_gone(monitor, sandbox_pid):
+                raise
         os.close(block_w)
         opened.remove(block_w)
         os.set_blocking(status_r, False)
@@ -354,6 +365,23 @@ def _abandon(monitor: Child, sandbox_pid: int | None) -> None:
     kill_unreleased(monitor.pid, sandbox_pid)
     monitor.kill()
     monitor.wait()
+
+
+def _sandbox_gone(monitor: Child, sandbox_pid: int) -> bool:
+    """Whether the sandbox process has ended (the caller saw ESRCH or EPIPE), making sure nothing
+    bubblewrap started outlives it: closing the block fd unwritten would let a process waiting on it go on."""
+    try:
+        os.kill(sandbox_pid, 0)  # a zombie not yet reaped by bubblewrap still answers, and is gone
+        with open(f"/proc/{sandbox_pid}/stat", "rb") as f:
+            state = f.read().rpartition(b")")[2].split()[:1]
+        if state not in ([b"Z"], [b"X"]):
+            return False
+    except (ProcessLookupError, FileNotFoundError):
+        pass
+    except OSError:
+        return False
+    kill_unreleased(monitor.pid, None)  # anything else bubblewrap started (it forks the sandbox's init only)
+    return True
 
 
 def _read_child_pid(fd: int, monitor: Child) -> int:
