@@ -241,50 +241,62 @@ async def test_sync_tool_only_when_allowed(project: Path, data_dir: dict[str, st
     assert "a + b" in (project / "calc.py").read_text()
 
 
-@pytest.mark.parametrize("mode", ["idle", "running-a-command", "http"])
-def test_sigterm_ends_the_server_and_removes_its_temporary_session(
-    project: Path, data_dir: dict[str, str], mode: str
-) -> None:
-    import json
-    import signal
-
-    busy, port = mode == "running-a-command", free_port()
-    http = ["--http", f"127.0.0.1:{port}"] if mode == "http" else []
+@contextlib.contextmanager
+def raw_server(project: Path, env: dict[str, str], *flags: str) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """`corral mcp` on pipes this test writes JSON-RPC to by hand, and its workspace (from its banner)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "corral", "mcp", "--project", str(project), *http], env={**os.environ, **data_dir},
+        [sys.executable, "-m", "corral", "mcp", "--project", str(project), *flags], env={**os.environ, **env},
         cwd=str(project), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
     assert proc.stdin is not None and proc.stderr is not None
     try:
         banner = proc.stderr.readline().decode()
-        workspace = Path(banner.split("workspace ")[1].split(",")[0])
-        sessions = Path(data_dir["XDG_DATA_HOME"]) / "corral" / "sessions"
-        assert workspace.is_dir() and len(list(sessions.iterdir())) == 1, banner
+        yield proc, Path(banner.split("workspace ")[1].split(",")[0])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def start_a_long_command(proc: subprocess.Popen[bytes], workspace: Path) -> None:
+    """Initialize, call bash with a minute-long command, and return once it runs."""
+    import json
+
+    assert proc.stdin is not None
+    for message in (
+        {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18",
+         "capabilities": {}, "clientInfo": {"name": "test", "version": "0"}}},
+        {"jsonrpc": "2.0", "method": "notifications/initialized"},
+        {"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+         "params": {"name": "bash", "arguments": {"command": "touch started; sleep 60"}}},
+    ):  # fmt: skip
+        proc.stdin.write(json.dumps(message).encode() + b"\n")
+    proc.stdin.flush()
+    deadline = time.monotonic() + 30
+    while not (workspace / "started").exists():
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("mode", ["idle", "running-a-command", "http"])
+def test_sigterm_ends_the_server_and_removes_its_temporary_session(
+    project: Path, data_dir: dict[str, str], mode: str
+) -> None:
+    import signal
+
+    http = ["--http", f"127.0.0.1:{free_port()}"] if mode == "http" else []
+    sessions = Path(data_dir["XDG_DATA_HOME"]) / "corral" / "sessions"
+    with raw_server(project, data_dir, *http) as (proc, workspace):
+        assert workspace.is_dir() and len(list(sessions.iterdir())) == 1
         if http:
-            assert b"serving http" in proc.stderr.readline()
-        if busy:
-            for message in (
-                {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18",
-                 "capabilities": {}, "clientInfo": {"name": "test", "version": "0"}}},
-                {"jsonrpc": "2.0", "method": "notifications/initialized"},
-                {"jsonrpc": "2.0", "id": 2, "method": "tools/call",
-                 "params": {"name": "bash", "arguments": {"command": "touch started; sleep 60"}}},
-            ):  # fmt: skip
-                proc.stdin.write(json.dumps(message).encode() + b"\n")
-            proc.stdin.flush()
-            deadline = time.monotonic() + 30
-            while not (workspace / "started").exists():
-                assert time.monotonic() < deadline and proc.poll() is None
-                time.sleep(0.05)
+            assert proc.stderr is not None and b"serving http" in proc.stderr.readline()
+        if mode == "running-a-command":
+            start_a_long_command(proc, workspace)
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 128 + signal.SIGTERM
         assert time.monotonic() - started < 10  # a running command does not hold the server up
         assert list(sessions.iterdir()) == [], "the temporary session was left behind"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 async def test_a_cancelled_call_kills_its_command(project: Path, data_dir: dict[str, str]) -> None:
@@ -299,35 +311,12 @@ async def test_a_cancelled_call_kills_its_command(project: Path, data_dir: dict[
 
 
 def test_a_client_that_goes_away_mid_call_ends_the_server(project: Path, data_dir: dict[str, str]) -> None:
-    import json
-
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "corral", "mcp", "--project", str(project)], env={**os.environ, **data_dir},
-        cwd=str(project), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
-    assert proc.stdin is not None and proc.stderr is not None
-    try:
-        workspace = Path(proc.stderr.readline().decode().split("workspace ")[1].split(",")[0])
-        for message in (
-            {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18",
-             "capabilities": {}, "clientInfo": {"name": "test", "version": "0"}}},
-            {"jsonrpc": "2.0", "method": "notifications/initialized"},
-            {"jsonrpc": "2.0", "id": 2, "method": "tools/call",
-             "params": {"name": "bash", "arguments": {"command": "touch started; sleep 60"}}},
-        ):  # fmt: skip
-            proc.stdin.write(json.dumps(message).encode() + b"\n")
-        proc.stdin.flush()
-        deadline = time.monotonic() + 30
-        while not (workspace / "started").exists():
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.05)
+    with raw_server(project, data_dir) as (proc, workspace):
+        start_a_long_command(proc, workspace)
+        assert proc.stdin is not None
         proc.stdin.close()  # the client is gone
         assert proc.wait(timeout=20) == 0
         assert not list((Path(data_dir["XDG_DATA_HOME"]) / "corral" / "sessions").iterdir())
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_flags_that_would_change_a_resumed_session_are_refused(
