@@ -323,7 +323,7 @@ def test_network_allow_through_the_host_proxy(microvm, workdir: Path, tmp_path: 
     try:
         with corral.Sandbox(policy, backend="microvm", audit=str(audit)) as sb:
             r = sb.exec(["python3", "-c", NET_PROBE, str(p), str(e)], timeout=300)
-            sockets = {f for f in os.listdir(tempfile.gettempdir()) if f.startswith("corral-net-")}
+            sockets = {f for f in os.listdir(tempfile.gettempdir()) if f"-{os.getpid()}-private-net-" in f}
             curl = sb.exec(["/bin/sh", "-c", f"command -v curl >/dev/null || exit 99; "
                                              f"curl -sS -x socks5h://127.0.0.1:3128 http://127.0.0.1:{p}/socks; echo; "
                                              f"curl -sS -o /dev/null -w '%{{http_code}}' http://127.0.0.1:{p + 1}/"],
@@ -351,7 +351,9 @@ def test_network_allow_through_the_host_proxy(microvm, workdir: Path, tmp_path: 
     assert decisions.count(("connect", "allow", f"network.allow=127.0.0.1:{e}", e)) == 40
     assert all(ev["sandbox"] == sb.id and ev["backend"] == "microvm" for ev in events)
     assert next(ev for ev in events if ev["event"] == "sandbox.start")["network"] == "allow"
-    assert sockets and not sockets & {f for f in os.listdir(tempfile.gettempdir()) if f.startswith("corral-net-")}
+    assert sockets and not sockets & {
+        f for f in os.listdir(tempfile.gettempdir()) if f"-{os.getpid()}-private-net-" in f
+    }
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ however it ends (SIGTERM, SIGHUP), and what a killed run left is removed by the 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -55,3 +56,21 @@ def test_a_terminated_run_removes_its_private_directories(tmp_path: Path, sig: s
     proc.send_signal(sig)
     assert proc.wait(timeout=20) == 128 + sig
     assert not os.path.exists(private), os.listdir(private)
+
+
+def test_a_network_proxy_s_socket_directory_is_named_and_reaped_the_same_way() -> None:
+    import tempfile
+
+    from corral.net.service import SandboxProxy
+    from corral.policy.model import Network
+
+    stale = Path(tempfile.gettempdir()) / f"corral-{_free_pid()}-private-net-test"
+    stale.mkdir()
+    proxy = SandboxProxy.start_unix(Network(mode="allow", allow=["127.0.0.1:9"]))
+    try:
+        assert proxy.socket_path is not None
+        assert os.path.basename(os.path.dirname(proxy.socket_path)).startswith(f"corral-{os.getpid()}-private-net-")
+        assert not stale.exists()
+    finally:
+        proxy.stop()
+        shutil.rmtree(stale, ignore_errors=True)

@@ -125,7 +125,7 @@ def test_live_sandbox_audit_and_proxy_lifetime(workdir: Path, origin: Origin, tm
         assert r.stdout_text == "403"
         r = sb.exec(["ls", "-l", "/.corral/proxy.sock"])
         assert r.ok and r.stdout_text.startswith("s"), r  # the one host socket in the sandbox
-        sockets = {f for f in os.listdir(tempfile.gettempdir()) if f.startswith("corral-net-")}
+        sockets = {f for f in os.listdir(tempfile.gettempdir()) if f"-{os.getpid()}-private-net-" in f}
         assert sockets
     events = list(read_events(str(audit)))
     decisions = [(e["action"], e["rule"], e["port"]) for e in events if e["event"] == "net.decision"]
@@ -134,7 +134,7 @@ def test_live_sandbox_audit_and_proxy_lifetime(workdir: Path, origin: Origin, tm
     start = next(e for e in events if e["event"] == "sandbox.start")
     assert start["network"] == "allow"
     # The proxy and its socket directory went with the sandbox.
-    assert not sockets & {f for f in os.listdir(tempfile.gettempdir()) if f.startswith("corral-net-")}
+    assert not sockets & {f for f in os.listdir(tempfile.gettempdir()) if f"-{os.getpid()}-private-net-" in f}
 
 
 @pytest.mark.usefixtures("namespace_ok")

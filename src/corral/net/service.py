@@ -81,7 +81,12 @@ class SandboxProxy:
         """Listen on a unix socket in a new private directory (`socket_path`)."""
         proxy = cls(network, events=events, resolver=resolver)
         try:
-            proxy._dir = tempfile.mkdtemp(prefix="corral-net-")
+            from corral.backends.hostagent import reap_stale_private_dirs
+
+            # Named for this process, as the backends' private directories are: the next start
+            # removes those of a corral that was killed before it could.
+            reap_stale_private_dirs()
+            proxy._dir = tempfile.mkdtemp(prefix=f"corral-{os.getpid()}-private-net-")
             proxy.socket_path = os.path.join(proxy._dir, SOCKET_NAME)
             proxy._thread.start_unix(proxy.socket_path)
         except BaseException:
