@@ -72,6 +72,9 @@ class AgentClient:
         self._env_seen: Mapping[str, str] | None = None
         self._env_encoded = b"{}"
         self._running: dict[int, int] = {}  # exec id -> the thread waiting for it
+        # What to do when the agent dies mid-exec (its socket, silent after hello, reads EOF): the
+        # sandbox stops it, so that what the dead agent started cannot hold the host waiting.
+        self.on_lost: Callable[[], None] = lambda: None
 
     def handshake(self, hello: dict[str, object], *, fds: Sequence[int] = (), timeout: float = 15.0) -> None:
         """Send the confinement and wait until the agent says it is ready (or why it is not)."""
@@ -163,7 +166,8 @@ class AgentClient:
 
         self._running[exec_id] = threading.get_ident()
         try:
-            pumped = pump(readers, deadline=deadline, output_limit=output_limit, on_output=on_output, kill=kill)
+            pumped = pump(readers, deadline=deadline, output_limit=output_limit, on_output=on_output, kill=kill,
+                          watch=self.sock.fileno(), lost=self.on_lost)  # fmt: skip
         finally:
             del self._running[exec_id]
         text = pumped.get("status").strip()

@@ -42,6 +42,7 @@ class AgentSandbox(LiveSandbox):
         self._base_env = rp.env_dict  # never changed: the client encodes it once
         # The rlimits commands run under: set on the sandbox by its launcher, else the agent's own (hello).
         self.rlimits = frozenset(rlimits) if rlimits is not None else client.rlimits
+        client.on_lost = self.stop
 
     def exec(
         self,

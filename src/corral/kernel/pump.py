@@ -65,10 +65,13 @@ def pump(
     on_output: Callable[[str, bytes], None] | None = None,
     kill: Callable[[], None],
     watch: int | None = None,
+    lost: Callable[[], None] | None = None,
 ) -> Pumped:
     """Read every fd in `fds` to EOF (closing them). Streams named in `counted` count toward
     `output_limit` and are passed to `on_output`; crossing the limit or `deadline` calls `kill` once.
-    `watch` (e.g. a pidfd) is waited for too, until readable; it is neither read nor closed.
+    `watch` (e.g. a pidfd) is waited for too, until readable; it is neither read nor closed. With
+    `lost`, `watch` readable means what runs the command is gone: `lost()` is called and the streams
+    are not waited for (what is left of the command may hold them open).
     """
     out = Pumped()
     names = {fd: name for name, fd in fds.items()}
@@ -91,7 +94,9 @@ def pump(
             kill()
 
     try:
-        while names:
+        # Without `lost`, the watched fd is waited for too (a pidfd: the sandbox's end); with it, only
+        # the streams are (the agent's socket stays quiet for as long as the agent lives).
+        while len(names) > (1 if lost is not None and watch in names else 0):
             now = time.monotonic()
             if deadline is not None and killed_at is None and now >= deadline:
                 out.timed_out = True
@@ -105,6 +110,9 @@ def pump(
                 if fd == watch:
                     poller.unregister(fd)
                     del names[fd]
+                    if lost is not None:
+                        lost()
+                        return out
                     continue
                 try:
                     chunk = os.read(fd, _CHUNK)
