@@ -81,7 +81,9 @@ class LandlockBackend(HostAgentBackend):
         if "cpu" in self.cgroups.controllers:
             enforces.add("limits.cpus")
         notes = [f"Landlock ABI {abi}",
-                 "zones appear only at their own host paths; /tmp and HOME are private directories (TMPDIR, HOME)",
+                 "zones appear only at their own host paths; /tmp and HOME are private directories (TMPDIR, HOME) "
+                 "on the host's disk, whose tmpfs size is not enforced",
+                 "commands run as the user who runs corral (no user namespace: the policy's uid is not applied)",
                  "host processes are visible in /proc (not their memory or environment)"]  # fmt: skip
         if abi < 4:
             notes.append("no Landlock network rules on this kernel: network 'none' relies on seccomp alone, "
