@@ -141,3 +141,11 @@ def test_json_answers_on_stdout_when_nothing_runs(tmp_path: Path) -> None:
 def test_number_flags_take_ascii_digits_only(flag: str, tmp_path: Path) -> None:
     r = corral_cli("run", flag, "\uff10" if flag == "--uid" else "\uff15", "--", "true", cwd=tmp_path)
     assert r.returncode == 2 and f"corral: {flag}: expected a".encode() in r.stderr, r.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root's own files are at stake")
+def test_a_zone_holding_root_only_files_is_warned_about_as_root(tmp_path: Path) -> None:
+    r = corral_cli("run", "--zone", "/etc:/hostetc", "--", "true", cwd=tmp_path)
+    assert r.returncode == 0 and b"corral: warning: zone /etc: run as root, the command can read" in r.stderr
+    quiet = corral_cli("run", "--zone", "/etc/ssl:/ssl", "--", "true", cwd=tmp_path)
+    assert quiet.returncode == 0 and b"warning" not in quiet.stderr, quiet.stderr

@@ -335,7 +335,23 @@ def build_policy(
                           where="--image")  # fmt: skip
     if opts.get("--audit") == "":
         raise ConfigError("needs a file name", where="--audit")
+    if os.geteuid() == 0:
+        _warn_root_only_files(policy)
     return policy, backend, min_backend, _opt(opts, "--audit") or config.audit
+
+
+_ROOT_ONLY = ("/etc/shadow", "/etc/gshadow", "/root")
+
+
+def _warn_root_only_files(policy: object) -> None:
+    """As root, the sandbox's user is root's own uid mapped: a zone holding files only root may
+    read (a zone of / or /etc) shows them to the command. Said, as the user chose the zone."""
+    for zone in getattr(policy, "zones", ()):
+        host = zone.host
+        if host and any(secret == host or secret.startswith(host.rstrip("/") + "/") for secret in _ROOT_ONLY):
+            exposed = [secret for secret in _ROOT_ONLY if secret == host or secret.startswith(host.rstrip("/") + "/")]
+            _error(f"warning: zone {host}: run as root, the command can read what only root may ({', '.join(exposed)}"
+                   "): the sandbox's user is root's own uid, mapped")  # fmt: skip
 
 
 _CONTAINER_BACKENDS = ("docker", "gvisor")
