@@ -154,7 +154,7 @@ def test_bad_backend_and_unsupported_policy(policy: corral.Policy) -> None:
     assert isinstance(BackendUnavailable("x", "y"), corral.CorralError)
     with pytest.raises(ConfigError, match=r"^backend: 'process' is weaker than the required minimum 'landlock'$"):
         corral.Sandbox(policy, backend="process", min_backend="landlock")
-    with pytest.raises(ConfigError, match="^min_backend: auto picks only namespace or landlock, none as strong"):
+    with pytest.raises(ConfigError, match="^min_backend: auto picks only among namespace, landlock, none as strong"):
         corral.Sandbox(policy, min_backend="microvm")
 
 

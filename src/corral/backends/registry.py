@@ -64,6 +64,8 @@ def choose(name: str = "auto", *, min_backend: str | None = None, fresh: bool = 
         if not caps.available:
             raise BackendUnavailable(name, caps.reason, fix=caps.fix)
         return backend, caps
+    if min_backend:
+        check_auto_reaches(min_backend)
     reasons: list[str] = []
     for candidate in AUTO_ORDER:
         if strength_of(candidate) < floor:
@@ -73,9 +75,6 @@ def choose(name: str = "auto", *, min_backend: str | None = None, fresh: bool = 
         if caps.available:
             return backend, caps
         reasons.append(f"{candidate}: {caps.reason}" + (f" (fix: {caps.fix})" if caps.fix else ""))
-    if not reasons:  # nothing auto picks from is strong enough: the caller must name the backend
-        raise ConfigError(f"auto picks only {' or '.join(AUTO_ORDER)}, none as strong as {min_backend!r}: name "
-                          f"the backend ({min_backend!r} or stronger)", where="min_backend")  # fmt: skip
     raise BackendUnavailable("auto", f"no sandbox backend works here: {'; '.join(reasons)}")
 
 
@@ -144,3 +143,13 @@ def remember_lines(name: str, key: str, lines: list[str]) -> None:
         os.replace(tmp, path)
     except OSError:
         pass
+
+
+def check_auto_reaches(min_backend: str, *, where: str = "min_backend", option: str = "backend=") -> None:
+    """Auto picks only the general-purpose backends: a stronger minimum needs one named (`option`
+    is how the caller names one: "--backend " on the command line)."""
+    floor = strength_of(min_backend)
+    if all(strength_of(name) < floor for name in AUTO_ORDER):
+        stronger = [name for name, (_, _, strength) in BACKENDS.items() if strength >= floor]
+        raise ConfigError(f"auto picks only among {', '.join(AUTO_ORDER)}, none as strong as {min_backend!r}; "
+                          f"name one that is: {option}{' | '.join(stronger)}", where=where)  # fmt: skip

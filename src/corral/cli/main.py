@@ -368,18 +368,6 @@ def _check_backends(backend: str | None, min_backend: str | None, where: dict[st
                           f"({where['--min-backend']})", where=where["--backend"])  # fmt: skip
 
 
-def _check_auto_reaches(min_backend: str, where: str) -> None:
-    """`corral run`'s auto picks only the general-purpose backends: a stronger minimum needs one named
-    (the registry would say "no backend is at least as strong", where doctor says that one works)."""
-    from corral.backends.registry import AUTO_ORDER, BACKENDS, strength_of
-
-    floor = strength_of(min_backend)
-    if all(strength_of(name) < floor for name in AUTO_ORDER):
-        stronger = [name for name, (_, _, strength) in BACKENDS.items() if strength >= floor]
-        raise ConfigError(f"auto picks only among {', '.join(AUTO_ORDER)}, none as strong as {min_backend!r}; "
-                          f"name one that is: --backend {' | '.join(stronger)}", where=where)  # fmt: skip
-
-
 _LIMIT_FLAGS = (
     ("--memory", "memory"), ("--output", "output"), ("--file-size", "file_size"), ("--timeout", "timeout"),
     ("--pids", "pids"), ("--open-files", "open_files"), ("--cpus", "cpus"),
@@ -489,8 +477,9 @@ def _run(opts: dict[str, object], command: list[str]) -> int:
     from corral.sandbox import _Guard, new_id
 
     policy, backend_name, min_backend, audit_path = build_policy(opts)
-    if min_backend and backend_name in (None, "auto"):
-        _check_auto_reaches(min_backend, "--min-backend" if "--min-backend" in opts else "min_backend")
+    if min_backend and backend_name in (None, "auto"):  # said at the flag, before the registry says it
+        registry.check_auto_reaches(min_backend, where="--min-backend" if "--min-backend" in opts else "min_backend",
+                                    option="--backend ")  # fmt: skip
     rp = resolve(policy)  # type: ignore[arg-type]
     backend, caps = registry.choose(backend_name or "auto", min_backend=min_backend)
     weaker = check_supported(caps, rp, allow_weaker=bool(opts.get("--allow-weaker")))
