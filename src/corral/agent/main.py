@@ -261,10 +261,7 @@ class Agent:
 
     def _fail(self, status_fd: int, err: int, subject: str, what: str = "command") -> None:
         try:
-            protocol.write_status(status_fd, {"error": os.strerror(err), "errno": err, "subject": subject,
-                                              "what": what})  # fmt: skip
-        except OSError:  # the host stopped waiting (it was killed): nothing to tell
-            pass
+            _answer(status_fd, {"error": os.strerror(err), "errno": err, "subject": subject, "what": what})
         finally:
             os.close(status_fd)
 
